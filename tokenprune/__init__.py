@@ -1,0 +1,1 @@
+"""tokenprune: faster vision-language models by processing fewer visual tokens."""
