@@ -1,0 +1,44 @@
+"""Load the bundled fixture checkpoints (package data) with ``from_pretrained``; works offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+MODEL_KINDS = ("llava", "llava_next", "vit")
+
+
+def checkpoint_path(kind: str = "llava") -> Path:
+    """Folder of the bundled checkpoint for ``kind``."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
+    return CHECKPOINT_DIR / kind
+
+
+def load(kind: str = "llava") -> tuple[Any, Any]:
+    """Return ``(model, processor)`` of the bundled fixture ``kind`` ("llava", "llava_next" or "vit").
+
+    Models come back in eval mode, fp32, on CPU. Raises ``ValueError`` for an unknown ``kind`` and
+    ``FileNotFoundError`` if the checkpoint is missing from the installation.
+    """
+    path = checkpoint_path(kind)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"bundled checkpoint for kind={kind!r} not found at {path}")
+    if kind == "llava":
+        from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+        model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
+        processor = LlavaProcessor.from_pretrained(path, local_files_only=True)
+    elif kind == "llava_next":
+        from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+        model = LlavaNextForConditionalGeneration.from_pretrained(path, local_files_only=True)
+        processor = LlavaNextProcessor.from_pretrained(path, local_files_only=True)
+    else:
+        from transformers import ViTForImageClassification, ViTImageProcessorPil
+
+        model = ViTForImageClassification.from_pretrained(path, local_files_only=True)
+        processor = ViTImageProcessorPil.from_pretrained(path, local_files_only=True)
+    model.eval()
+    return model, processor
