@@ -1,0 +1,122 @@
+"""Adapters for LLaVA-1.5 (``LlavaForConditionalGeneration``) and LLaVA-NeXT
+(``LlavaNextForConditionalGeneration``): vision tower, projector, language model, image layouts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Anatomy, ImageLayout, LLMParts, grid_layout
+from .vision import vision_encoder_anatomy
+
+
+def _llm_parts(language_model: nn.Module) -> LLMParts:
+    layers = language_model.layers
+    first = layers[0]
+    if not (hasattr(first, "self_attn") and hasattr(first, "input_layernorm")):
+        raise AttributeError(f"{type(first).__name__} is not a Llama-style decoder layer")
+    return LLMParts(
+        layers=layers,
+        attention=lambda layer: layer.self_attn,
+        input_norm=lambda layer: layer.input_layernorm,
+        rotary=language_model.rotary_emb,
+        config=language_model.config,
+    )
+
+
+def _tower_anatomy(core: nn.Module) -> Anatomy:
+    tower = vision_encoder_anatomy(core.vision_tower)
+    if tower is None:
+        from ..errors import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"model: the vision tower {type(core.vision_tower).__name__} is not supported; "
+            "supported towers: CLIPVisionModel, SiglipVisionModel"
+        )
+    return tower
+
+
+def llava_anatomy(model: nn.Module) -> Anatomy:
+    """Anatomy of a LLaVA-1.5 model (``LlavaForConditionalGeneration`` or ``LlavaModel``)."""
+    core = getattr(model, "model", model)
+    cfg = core.config
+    vision = _tower_anatomy(core).vision
+    rows, cols = vision.grid
+
+    def layouts(lengths: list[int], image_sizes: torch.Tensor | None) -> list[ImageLayout]:
+        return [grid_layout(rows, cols, cls=(n == rows * cols + 1)) for n in lengths]
+
+    return Anatomy(
+        name="llava",
+        model=model,
+        vision=vision,
+        llm=_llm_parts(core.language_model),
+        vlm_core=core,
+        image_token_id=int(cfg.image_token_id),
+        feature_layer=cfg.vision_feature_layer,
+        layouts=layouts,
+        pad_token_id=int(getattr(cfg.text_config, "pad_token_id", None) or 0),
+    )
+
+
+def llava_next_anatomy(model: nn.Module) -> Anatomy:
+    """Anatomy of a LLaVA-NeXT model. Image layouts are derived by running the model's own
+    ``pack_image_features`` on index tensors, so anyres tiling, unpadding and newline tokens
+    follow transformers' logic exactly."""
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+    )
+
+    core = getattr(model, "model", model)
+    cfg = core.config
+    vision = _tower_anatomy(core).vision
+    g = vision.grid[0]
+
+    def one_layout(image_size: torch.Tensor) -> ImageLayout:
+        n_tiles = image_size_to_num_patches(
+            image_size=image_size, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=cfg.vision_config.image_size
+        )
+        r, c = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+        idx = torch.stack(
+            [torch.stack([torch.full_like(r, t), r, c], -1).reshape(g * g, 3) for t in range(n_tiles)]
+        ).float()
+        packed, _ = core.pack_image_features(
+            [idx], image_size[None], cfg.vision_feature_select_strategy, image_newline=torch.full((3,), -1.0)
+        )
+        tile, row, col = packed[0].round().long().unbind(-1)
+        y, x = (row.float() + 0.5) / g, (col.float() + 0.5) / g
+        hi = tile > 0
+        if hi.any():  # tiles: place rows/cols on the unpadded high-resolution canvas
+            _, grid_w = get_anyres_image_grid_shape(image_size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            gy = (tile[hi] - 1) // grid_w * g + row[hi]
+            gx = (tile[hi] - 1) % grid_w * g + col[hi]
+            y[hi] = (gy - gy.min()).float().add(0.5) / float(gy.max() - gy.min() + 1)
+            x[hi] = (gx - gx.min()).float().add(0.5) / float(gx.max() - gx.min() + 1)
+        parts = {"base": (tile == 0).nonzero().flatten()}
+        for t in range(1, n_tiles):
+            parts[f"tile{t}"] = (tile == t).nonzero().flatten()
+        if (tile == -1).any():
+            parts["newline"] = (tile == -1).nonzero().flatten()
+        return ImageLayout(tile=tile, row=row, col=col, y=y, x=x, grid=(g, g), partitions=parts)
+
+    def layouts(lengths: list[int], image_sizes: torch.Tensor | None) -> list[ImageLayout]:
+        if image_sizes is None:
+            raise ValueError("image_sizes is required to lay out LLaVA-NeXT image tokens")
+        out = [one_layout(torch.as_tensor(s).cpu()) for s in image_sizes]
+        got = [lay.num_tokens for lay in out]
+        if got != list(lengths):
+            raise RuntimeError(f"LLaVA-NeXT layout has {got} tokens per image but the model produced {lengths}")
+        return out
+
+    return Anatomy(
+        name="llava_next",
+        model=model,
+        vision=vision,
+        llm=_llm_parts(core.language_model),
+        vlm_core=core,
+        image_token_id=int(cfg.image_token_id),
+        feature_layer=cfg.vision_feature_layer,
+        layouts=layouts,
+        pad_token_id=int(getattr(cfg.text_config, "pad_token_id", None) or 0),
+    )

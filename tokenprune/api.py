@@ -1,0 +1,98 @@
+"""``tokenprune.patch()`` / ``unpatch()`` and the handle they return."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .adapters import anatomy_of
+from .core.budget import check_budget
+from .core.engine import Engine
+from .core.trace import Trace
+from .errors import AttentionBackendError
+from .methods import REGISTRY, Method, build
+
+_ATTR = "_tokenprune_handle"
+SCORING_BACKENDS = ("eager", "sdpa")
+
+
+class PatchHandle:
+    """A live patch on a model. ``trace`` is the record of the last prefill; ``remove()`` (or
+    leaving a ``with`` block) takes every hook off and restores the model exactly."""
+
+    def __init__(self, model: nn.Module, method: Method, budget: float | None, engine: Engine) -> None:
+        self.model = model
+        self.method = method
+        self.budget = budget
+        self._engine = engine
+
+    @property
+    def trace(self) -> Trace | None:
+        """What the last prefill kept (None before the first forward)."""
+        return self._engine.state.trace if self._engine is not None else None
+
+    @property
+    def active(self) -> bool:
+        return self._engine is not None
+
+    def remove(self) -> None:
+        """Remove the patch; safe to call twice."""
+        if self._engine is not None:
+            self._engine.remove()
+            self._engine = None
+        if self.model.__dict__.get(_ATTR) is self:
+            del self.model.__dict__[_ATTR]
+
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"PatchHandle(method={self.method.name!r}, budget={self.budget}, {state})"
+
+
+def patch(model: nn.Module, method: str | Method = "fastv", budget: float | None = None, **params) -> PatchHandle:
+    """Inject a token-reduction method into ``model`` with hooks (no class swap, no copied code).
+
+    Args:
+        model: a supported Hugging Face model (see ``tokenprune.adapters.SUPPORTED``).
+        method: a registered method name (``tokenprune.methods()``) or a method instance.
+        budget: fraction of visual-token compute kept, in (0, 1]: the mean over LLM decoder layers
+            (encoder layers for a standalone encoder) of the visual tokens entering a layer over
+            the unpruned count. Optional when the method's explicit parameters fix its schedule.
+        **params: the method's own parameters (e.g. ``k=2, r=0.5`` for FastV).
+
+    Patching a model that already has a patch replaces it. Returns a :class:`PatchHandle`.
+    """
+    if budget is not None:
+        budget = check_budget(budget)
+    m = build(method, **params)
+    anatomy = anatomy_of(model)
+    stages = m.stages(anatomy, budget)
+    for site in {st.site for st in stages} & {"llm"}:
+        impl = anatomy.attn_implementation(site)
+        if impl not in SCORING_BACKENDS:
+            raise AttentionBackendError(
+                f"attn_implementation: {m.name} prunes inside the LLM, which needs per-layer masks; "
+                f"the model uses {impl!r}; supported: {list(SCORING_BACKENDS)} "
+                "(model.set_attn_implementation('sdpa'))"
+            )
+    unpatch(model)
+    engine = Engine(anatomy, stages)
+    handle = PatchHandle(model, m, budget, engine)
+    model.__dict__[_ATTR] = handle
+    return handle
+
+
+def unpatch(model: nn.Module) -> None:
+    """Remove the patch on ``model`` if there is one (no error otherwise)."""
+    handle = model.__dict__.get(_ATTR)
+    if handle is not None:
+        handle.remove()
+
+
+def methods() -> dict[str, str]:
+    """Registered method names and their one-line descriptions."""
+    return {name: cls.summary for name, cls in sorted(REGISTRY.items())}

@@ -1,0 +1,168 @@
+"""Site 3: before LLM decoder layer K >= 1. In prefill, layer K's pre-hook asks the stage which
+visual tokens stay and gathers the hidden states; every layer >= K swaps in the sliced
+``position_embeddings``, ``position_ids`` and 4-D mask (the model passes the same objects to all
+layers). The KV cache of layers >= K then simply holds fewer entries. On decode steps a
+materialised mask is re-indexed to each layer's shorter cache, and with renumbered positions the
+new token's RoPE position is shifted. Layer 0 is never pruned: the cache length that generate()
+and the mask builder read is layer 0's."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SiteError
+from .hooks import HookSet
+from .masks import columns_from_keep, compose, decode_mask, gather_cols, prefill_mask
+from .scoring import query_logits
+from .select import pad_rows
+from .stage import Context, Stage
+from .state import ForwardState, LLMStageState, take_meta
+from .trace import StageRecord
+
+
+def _past(cache, layer: int) -> int:
+    if cache is None:
+        return 0
+    try:
+        return int(cache.get_seq_length(layer))
+    except (IndexError, KeyError):
+        return 0
+
+
+def _visual_columns(visual: torch.Tensor) -> torch.Tensor:
+    """(B, N) columns of the visual tokens of each row, -1 padded."""
+    return pad_rows([(row >= 0).nonzero().flatten() for row in visual], visual.device)
+
+
+def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSet) -> None:
+    """Hook the decoder layers of ``anatomy.llm`` for the LLM-site ``stages``."""
+    lp = anatomy.llm
+    n_layers = lp.num_layers
+    by_layer = {st.layer: st for st in stages}
+    if len(by_layer) != len(stages):
+        raise SiteError(f"layer: two LLM stages at the same layer {[s.layer for s in stages]}")
+    bad = [k for k in by_layer if not 1 <= k < n_layers]
+    if bad:
+        raise SiteError(f"layer: LLM-site stages act before decoder layers 1..{n_layers - 1}; got {bad}")
+    first = min(by_layer)
+
+    def stash(k: int):
+        def hook(mod, kw, out):
+            if state.llm_input is not None and kw["hidden_states"].shape[1] > 1:
+                state.stash[k] = kw
+            return None
+
+        return hook
+
+    def run_stage(stage: Stage, layer_mod, kw: dict) -> dict:
+        k = stage.layer
+        hs = kw["hidden_states"]
+        prev = state.active_llm_stage(k - 1)
+        inp = state.llm_input
+        visual = prev.visual if prev else inp.visual
+        real = prev.real if prev else inp.real
+        positions = prev.positions if prev else inp.positions
+        cand_cols = _visual_columns(visual)
+        orig = torch.where(cand_cols >= 0, torch.gather(visual, 1, cand_cols.clamp(min=0)), -1)
+        last = torch.full((hs.shape[0], 1), hs.shape[1] - 1, dtype=torch.long, device=hs.device)
+
+        def attention(source: str = "previous", rope: bool = True, normalize: str = "all") -> torch.Tensor:
+            if source == "previous":
+                saved = state.stash.pop(k - 1)
+                attn, hn, mask = lp.attention(lp.layers[k - 1]), saved["hidden_states"], saved.get("attention_mask")
+                pe = saved["position_embeddings"]
+                cache = saved.get("past_key_values")
+                keys = None
+                if cache is not None and rope:
+                    cached = cache.layers[k - 1].keys
+                    keys = cached if cached is not None and cached.shape[-2] == hn.shape[1] else None
+            elif source == "current":
+                attn, hn, mask, pe, keys = (
+                    lp.attention(layer_mod),
+                    lp.input_norm(layer_mod)(hs),
+                    kw.get("attention_mask"),
+                    kw["position_embeddings"],
+                    None,
+                )
+            else:
+                raise ValueError(f"source: expected 'previous' or 'current', got {source!r}")
+            logits = query_logits(attn, hn, last, pe if rope else None, mask, keys)[:, :, 0]  # (B, H, L)
+            if normalize == "all":
+                probs = gather_cols(logits.softmax(-1), cand_cols, dim=2)
+            elif normalize == "visual":
+                sub = gather_cols(logits, cand_cols, dim=2).masked_fill((cand_cols < 0)[:, None], float("-inf"))
+                probs = sub.softmax(-1)
+            else:
+                raise ValueError(f"normalize: expected 'all' or 'visual', got {normalize!r}")
+            return probs.mean(1)
+
+        ctx = Context(
+            "llm", k, orig, take_meta(inp.meta, orig), gather_cols(hs, cand_cols), {"last_token_attention": attention}
+        )
+        sel = stage.select(ctx)
+        state.stash.pop(k - 1, None)
+        kept_cols = torch.where(sel >= 0, torch.gather(cand_cols, 1, sel.clamp(min=0)), -1)
+        keep = (visual < 0) & (prev.cols >= 0 if prev else torch.ones_like(real))  # text, padding
+        rows, slots = (kept_cols >= 0).nonzero(as_tuple=True)
+        keep[rows, kept_cols[rows, slots]] = True
+        new_cols = columns_from_keep(keep)
+        new_real = gather_cols(real, new_cols, fill=False)
+        new_visual = gather_cols(visual, new_cols, fill=-1)
+        cos, sin = kw["position_embeddings"]
+        hidden = gather_cols(hs, new_cols)
+        st = LLMStageState(
+            k,
+            compose(prev.cols if prev else None, new_cols),
+            new_visual,
+            new_real,
+            gather_cols(positions, new_cols, fill=1),
+        )
+        if stage.positions == "renumber":
+            new_pos = (new_real.long().cumsum(-1) - 1).clamp(min=0)
+            st.position_shift = inp.positions[:, -1:] - new_pos[:, -1:]
+            st.kwargs["position_embeddings"] = lp.rotary(hidden, position_ids=new_pos)
+            st.kwargs["position_ids"] = new_pos
+        else:
+            st.kwargs["position_embeddings"] = (gather_cols(cos, new_cols), gather_cols(sin, new_cols))
+            st.kwargs["position_ids"] = st.positions
+        st.kwargs["attention_mask"] = prefill_mask(kw.get("attention_mask"), new_cols)
+        state.llm_stages.append(st)
+        kept = pad_rows([row[row >= 0] for row in new_visual], hs.device)
+        state.trace.stages.append(StageRecord(stage.name, "llm", k, kept.cpu()))
+        kw["hidden_states"] = hidden
+        return kw
+
+    def make_hook(j: int):
+        def hook(mod, kw):
+            if state.llm_input is None:
+                return None
+            hs = kw["hidden_states"]
+            q = hs.shape[1]
+            cache = kw.get("past_key_values")
+            past = _past(cache, j)
+            if past == 0 and q > 1:  # prefill
+                active = state.active_llm_stage(j - 1)
+                if active is not None:
+                    kw.update(active.kwargs)
+                if j in by_layer:
+                    kw = run_stage(by_layer[j], mod, kw)
+                    kw.update(state.llm_stages[-1].kwargs)
+                return kw
+            active = state.active_llm_stage(j)
+            if active is None:
+                return None
+            n_in = state.llm_input.visual.shape[1]
+            t = past - active.cols.shape[1]
+            kw["attention_mask"] = decode_mask(kw.get("attention_mask"), active.cols, n_in, q, n_in + t + q)
+            if active.position_shift is not None:
+                pos = kw["position_ids"] - active.position_shift
+                kw["position_ids"] = pos
+                kw["position_embeddings"] = lp.rotary(hs, position_ids=pos)
+            return kw
+
+        return hook
+
+    for k in by_layer:
+        hooks.post(lp.attention(lp.layers[k - 1]), stash(k - 1))
+    for j in range(first, n_layers):
+        hooks.pre(lp.layers[j], make_hook(j))

@@ -1,0 +1,98 @@
+"""Attention scores recomputed from a layer's own projections, so they are available under any
+attention backend (sdpa and flash return no weights). All functions agree with the weights of
+eager attention (tests check 1e-5)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x`` (B, H, L, d) with ``cos``/``sin`` (B|1, L, d), as Llama applies it."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def _heads(proj: nn.Module, h: torch.Tensor, head_dim: int) -> torch.Tensor:
+    b, n, _ = h.shape
+    return proj(h).view(b, n, -1, head_dim).transpose(1, 2)
+
+
+def _masked(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return logits
+    if mask.dtype == torch.bool:
+        return logits.masked_fill(~mask, float("-inf"))
+    return logits + mask
+
+
+def query_logits(
+    attn: nn.Module,
+    hidden: torch.Tensor,
+    query_cols: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+    mask: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Masked attention logits of chosen query columns to all keys of one decoder-layer call.
+
+    ``attn`` is the layer's attention module (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``),
+    ``hidden`` its normalised input (B, L, D), ``query_cols`` (B, Q) the query columns,
+    ``position_embeddings`` the call's ``(cos, sin)`` or None to score without RoPE (FEATHER),
+    ``mask`` the call's 4-D mask (bool: True attends; float: additive) or None (plain causal) and
+    ``keys`` optionally the post-RoPE keys already in the KV cache (B, H_kv, L, d). GQA key heads
+    are repeated as the model does. Returns float32 (B, H, Q, L), -inf where masked.
+    """
+    hd = attn.head_dim
+    b, n, _ = hidden.shape
+    hq = torch.gather(hidden, 1, query_cols[..., None].expand(-1, -1, hidden.shape[-1]))
+    q = _heads(attn.q_proj, hq, hd)
+    if keys is None:
+        keys = _heads(attn.k_proj, hidden, hd)
+        if position_embeddings is not None:
+            keys = apply_rope(keys, *position_embeddings)
+    if position_embeddings is not None:
+        cos, sin = position_embeddings
+        idx = query_cols[..., None].expand(-1, -1, cos.shape[-1])
+        q = apply_rope(q, torch.gather(cos.expand(b, -1, -1), 1, idx), torch.gather(sin.expand(b, -1, -1), 1, idx))
+    keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
+    logits = (q.float() @ keys.float().transpose(-1, -2)) * float(attn.scaling)
+    if mask is None:  # plain causal: the query at column c sees keys 0..c
+        mask = (torch.arange(n, device=hidden.device)[None, None, :] <= query_cols[..., None])[:, None]
+    else:
+        rows = query_cols[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1])
+        mask = torch.gather(mask.expand(b, -1, -1, -1), 2, rows)
+    return _masked(logits, mask)
+
+
+def query_attention(*args, **kwargs) -> torch.Tensor:
+    """Softmax over all keys of :func:`query_logits` (same arguments): what eager attention
+    returns as weights for those query rows, (B, H, Q, L)."""
+    return query_logits(*args, **kwargs).softmax(-1)
+
+
+def cls_attention(attn: nn.Module, hidden: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """Attention of token 0 (CLS) to every token in a vision layer: (B, H, N), float32.
+    ``hidden`` is the layer's normalised attention input (B, N, D)."""
+    hd = hidden.shape[-1] // num_heads if not hasattr(attn, "head_dim") else attn.head_dim
+    q = _heads(attn.q_proj, hidden[:, :1], hd)
+    k = _heads(attn.k_proj, hidden, hd)
+    return ((q.float() @ k.float().transpose(-1, -2)) * scale).softmax(-1)[:, :, 0]
+
+
+def mean_keys(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Keys averaged over heads (B, N, d): ToMe's and VisionZip's similarity metric."""
+    return _heads(attn.k_proj, hidden, attn.head_dim).mean(1)
+
+
+def key_similarity(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of the head-averaged keys of all token pairs (B, N, N)."""
+    k = mean_keys(attn, hidden)
+    k = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return k @ k.transpose(-1, -2)

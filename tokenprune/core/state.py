@@ -1,0 +1,103 @@
+"""Per-forward state shared by the hooks of one patch."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters.base import ImageLayout
+from .stage import META
+from .trace import StageRecord, Trace
+
+
+def row_meta(per_row: list[list[ImageLayout]]) -> dict[str, torch.Tensor]:
+    """Per-sample geometry of every original visual token, images of a sample concatenated:
+    dict of (B, N_max) tensors (padding -1), keyed by :data:`~tokenprune.core.stage.META`."""
+    rows = []
+    for layouts in per_row:
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in META}
+        pid = 0
+        for i, lay in enumerate(layouts):
+            parts["image"].append(torch.full_like(lay.tile, i))
+            part = torch.full_like(lay.tile, -1)
+            for idx in lay.partitions.values():
+                part[idx] = pid
+                pid += 1
+            parts["partition"].append(part)
+            for k in ("tile", "row", "col", "y", "x"):
+                parts[k].append(getattr(lay, k))
+        rows.append({k: torch.cat(v) if v else torch.zeros(0) for k, v in parts.items()})
+    width = max((int(r["tile"].numel()) for r in rows), default=0)
+    out = {}
+    for k in META:
+        dtype = torch.float32 if k in ("y", "x") else torch.long
+        t = torch.full((len(rows), width), -1, dtype=dtype)
+        for b, r in enumerate(rows):
+            t[b, : r[k].numel()] = r[k].to(dtype)
+        out[k] = t
+    return out
+
+
+def take_meta(meta: dict[str, torch.Tensor], orig: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Geometry of the candidates ``orig`` (B, N; -1 padding)."""
+    idx = orig.clamp(min=0).to(next(iter(meta.values())).device)
+    return {k: torch.gather(v, 1, idx).masked_fill(orig.cpu() < 0, -1) for k, v in meta.items()}
+
+
+@dataclass
+class LLMInput:
+    """The sequence that entered the language model in this prefill."""
+
+    visual: torch.Tensor  # (B, L) original visual index of each column, -1 for text/padding
+    real: torch.Tensor  # (B, L) bool: not padding
+    positions: torch.Tensor  # (B, L) position ids the LLM was given
+    meta: dict[str, torch.Tensor]
+
+
+@dataclass
+class LLMStageState:
+    """What layers at and after an LLM stage need: the composed column map back to the LLM
+    input, and the sliced per-forward arguments every later layer swaps in."""
+
+    layer: int
+    cols: torch.Tensor
+    visual: torch.Tensor
+    real: torch.Tensor
+    positions: torch.Tensor
+    kwargs: dict = field(default_factory=dict)
+    position_shift: torch.Tensor | None = None  # renumbered positions: original - new, (B, 1)
+
+
+@dataclass
+class PromptMap:
+    """Pre-LLM compaction of the prompt: ``cols`` (B, L') into the original ``prompt_len``
+    columns (-1 = inserted padding), kept for decode-time remapping of generate's 2-D mask."""
+
+    cols: torch.Tensor
+    prompt_len: int
+    cache: weakref.ref | None = None
+
+
+@dataclass
+class ForwardState:
+    """All per-forward state of one patch; reset at the start of every prefill."""
+
+    trace: Trace | None = None
+    records: list[StageRecord] = field(default_factory=list)
+    vision_orig: torch.Tensor | None = None  # (T, N) original patch index of each encoder token
+    vision_mask: torch.Tensor | None = None  # attention-mask override for later encoder layers
+    vision_records: list[tuple[str, int, torch.Tensor]] = field(default_factory=list)
+    image_sizes: torch.Tensor | None = None
+    prompt: PromptMap | None = None
+    llm_input: LLMInput | None = None
+    llm_stages: list[LLMStageState] = field(default_factory=list)
+    stash: dict = field(default_factory=dict)
+
+    def active_llm_stage(self, layer: int) -> LLMStageState | None:
+        active = None
+        for st in self.llm_stages:
+            if st.layer <= layer:
+                active = st
+        return active

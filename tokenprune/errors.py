@@ -1,0 +1,37 @@
+"""Typed errors. Every class subclasses ``ValueError`` or ``TypeError`` so callers can catch the
+standard exceptions, and every message names the offending parameter and what is allowed."""
+
+from __future__ import annotations
+
+
+class TokenPruneError(Exception):
+    """Base class of all tokenprune errors."""
+
+
+class UnknownMethodError(TokenPruneError, ValueError):
+    """``method=`` names no registered method."""
+
+
+class BudgetError(TokenPruneError, ValueError):
+    """``budget`` outside (0, 1], or not reachable by the method on this model."""
+
+
+class MethodArgumentError(TokenPruneError, TypeError):
+    """A method received an argument it does not take, or an invalid value for one."""
+
+
+class UnsupportedModelError(TokenPruneError, TypeError):
+    """The model is none of the architectures tokenprune has an adapter for."""
+
+
+class SiteError(TokenPruneError, ValueError):
+    """The method acts at a site (vision layer, before the LLM, LLM layer) the model lacks, or at a
+    layer index outside the model."""
+
+
+class AttentionBackendError(TokenPruneError, ValueError):
+    """The model's attention implementation cannot serve what the method needs."""
+
+
+class NoMatchError(TokenPruneError, ValueError):
+    """A patch would install no hook: never a silent no-op."""
