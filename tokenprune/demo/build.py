@@ -58,8 +58,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens=["<image>"], model_max_length=2048)
-    fast.padding_side = "left"
+        extra_special_tokens=["<image>"], model_max_length=2048, padding_side="left")
     return fast
 
 

@@ -16,13 +16,16 @@ def checkpoint_path(kind: str = "llava") -> Path:
     return CHECKPOINT_DIR / kind
 
 
-def load(kind: str = "llava") -> tuple[Any, Any]:
+def load(kind: str = "llava", path: str | Path | None = None) -> tuple[Any, Any]:
     """Return ``(model, processor)`` of the bundled fixture ``kind`` ("llava", "llava_next" or "vit").
 
+    ``path`` optionally points at another checkpoint folder of the same kind (e.g. a training output).
     Models come back in eval mode, fp32, on CPU. Raises ``ValueError`` for an unknown ``kind`` and
     ``FileNotFoundError`` if the checkpoint is missing from the installation.
     """
-    path = checkpoint_path(kind)
+    path = checkpoint_path(kind) if path is None else Path(path)
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"bundled checkpoint for kind={kind!r} not found at {path}")
     if kind == "llava":
