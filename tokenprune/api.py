@@ -8,8 +8,9 @@ from .adapters import anatomy_of
 from .core.budget import check_budget
 from .core.engine import Engine
 from .core.trace import Trace
-from .errors import AttentionBackendError
+from .errors import AttentionBackendError, SiteError
 from .methods import REGISTRY, Method, build
+from .quant import check_int8_flag, quantize_int8
 
 _ATTR = "_tokenprune_handle"
 SCORING_BACKENDS = ("eager", "sdpa")
@@ -17,18 +18,21 @@ SCORING_BACKENDS = ("eager", "sdpa")
 
 class PatchHandle:
     """A live patch on a model. ``trace`` is the record of the last prefill; ``remove()`` (or
-    leaving a ``with`` block) takes every hook off and restores the model exactly."""
+    leaving a ``with`` block) takes every hook off and restores the model exactly, except that
+    int8 layers from ``patch(..., int8=True)`` stay (quantisation is not a hook)."""
 
     def __init__(self, model: nn.Module, method: Method, budget: float | None, engine: Engine) -> None:
         self.model = model
         self.method = method
         self.budget = budget
         self._engine = engine
+        self._final_trace: Trace | None = None
 
     @property
     def trace(self) -> Trace | None:
-        """What the last prefill kept (None before the first forward)."""
-        return self._engine.state.trace if self._engine is not None else None
+        """What the last prefill kept (None before the first forward); still readable after
+        ``remove()``."""
+        return self._engine.state.trace if self._engine is not None else self._final_trace
 
     @property
     def active(self) -> bool:
@@ -37,6 +41,7 @@ class PatchHandle:
     def remove(self) -> None:
         """Remove the patch; safe to call twice."""
         if self._engine is not None:
+            self._final_trace = self._engine.state.trace
             self._engine.remove()
             self._engine = None
         if self.model.__dict__.get(_ATTR) is self:
@@ -53,7 +58,9 @@ class PatchHandle:
         return f"PatchHandle(method={self.method.name!r}, budget={self.budget}, {state})"
 
 
-def patch(model: nn.Module, method: str | Method = "fastv", budget: float | None = None, **params) -> PatchHandle:
+def patch(
+    model: nn.Module, method: str | Method = "fastv", budget: float | None = None, *, int8: bool = False, **params
+) -> PatchHandle:
     """Inject a token-reduction method into ``model`` with hooks (no class swap, no copied code).
 
     Args:
@@ -62,14 +69,23 @@ def patch(model: nn.Module, method: str | Method = "fastv", budget: float | None
         budget: fraction of visual-token compute kept, in (0, 1]: the mean over LLM decoder layers
             (encoder layers for a standalone encoder) of the visual tokens entering a layer over
             the unpruned count. Optional when the method's explicit parameters fix its schedule.
+        int8: also replace the language model's linears with LLM.int8() layers (bitsandbytes,
+            ``tokenprune.quantize_int8(model)`` with its defaults; call that first for other
+            settings). Stays in place after ``handle.remove()``; a no-op on layers already int8.
         **params: the method's own parameters (e.g. ``k=2, r=0.5`` for FastV).
 
     Patching a model that already has a patch replaces it. Returns a :class:`PatchHandle`.
     """
+    check_int8_flag(int8)  # before touching the model: bitsandbytes must be importable
     if budget is not None:
         budget = check_budget(budget)
     m = build(method, **params)
     anatomy = anatomy_of(model)
+    if not set(m.sites) & set(anatomy.sites):
+        raise SiteError(
+            f"method: {m.name} acts at the {' or '.join(m.sites)} site, which a {anatomy.name} model does not have "
+            f"(its sites: {list(anatomy.sites)})"
+        )
     stages = m.stages(anatomy, budget)
     for site in {st.site for st in stages} & {"llm"}:
         impl = anatomy.attn_implementation(site)
@@ -81,6 +97,12 @@ def patch(model: nn.Module, method: str | Method = "fastv", budget: float | None
             )
     unpatch(model)
     engine = Engine(anatomy, stages)
+    if int8:  # after every check passed; hooks on replaced linears move to the int8 layers
+        try:
+            quantize_int8(model)
+        except Exception:
+            engine.remove()
+            raise
     handle = PatchHandle(model, m, budget, engine)
     model.__dict__[_ATTR] = handle
     return handle

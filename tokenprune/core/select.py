@@ -85,3 +85,18 @@ def random_subset(n: int, k: int, seed: int) -> torch.Tensor:
     does not depend on the rest of the batch. Ascending."""
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=g)[:k].sort().values
+
+
+def stride_grid(row: torch.Tensor, col: torch.Tensor, group: torch.Tensor, stride: int) -> torch.Tensor:
+    """Bool mask of the tokens on every ``stride``-th row and column of their group's patch grid,
+    counted from the group's first occupied row and column: ``grid[::stride, ::stride]`` of each
+    full grid (a base image or an anyres tile). 1-D inputs; tokens with ``group < 0`` (padding,
+    newline or CLS tokens) are never on the grid."""
+    if stride < 1:
+        raise ValueError(f"stride: must be >= 1, got {stride}")
+    on = torch.zeros_like(row, dtype=torch.bool)
+    for g in group[group >= 0].unique():
+        member = group == g
+        r0, c0 = row[member].min(), col[member].min()
+        on |= member & ((row - r0) % stride == 0) & ((col - c0) % stride == 0)
+    return on

@@ -20,7 +20,7 @@ class Method:
 
     name: ClassVar[str]
     summary: ClassVar[str]
-    needs_budget: ClassVar[bool] = True
+    sites: ClassVar[tuple[str, ...]] = ("vision", "pre_llm", "llm")
 
     def stages(self, anatomy: Anatomy, budget: float | None) -> list[Stage]:
         raise NotImplementedError

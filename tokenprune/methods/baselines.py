@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.base import Anatomy
-from ..core.budget import require_budget, single_stage_keep
+from ..core.budget import earliest_layer, require_budget, single_stage_keep, stack_depth
 from ..core.select import allocate, grid_sample, pad_rows, random_subset
 from ..core.stage import Context, Stage
 from ..errors import MethodArgumentError
@@ -25,10 +25,17 @@ class _SiteMethod(Method):
     layer: int | None = None
     keep: float | None = None
 
-    def _place(self, anatomy: Anatomy) -> tuple[str, int]:
+    def _place(self, anatomy: Anatomy, budget: float | None) -> tuple[str, int]:
+        """Site and layer; without an explicit ``layer`` a stack site moves to an earlier layer
+        when the budget is not reachable at the default one."""
         site = self.site or ("pre_llm" if anatomy.is_vlm else "vision")
         option("site", site, anatomy.sites)
-        layer = DEFAULT_LAYER[site] if self.layer is None else int(self.layer)
+        if self.layer is not None:
+            return site, int(self.layer)
+        layer = DEFAULT_LAYER[site]
+        stacked = site == "llm" or (site == "vision" and not anatomy.is_vlm)
+        if stacked and self.keep is None and budget is not None:
+            layer = earliest_layer(budget, layer, stack_depth(anatomy))
         return site, layer
 
     def _keep(self, anatomy: Anatomy, budget: float | None, site: str, layer: int) -> float:
@@ -39,7 +46,7 @@ class _SiteMethod(Method):
         return single_stage_keep(require_budget(budget, self.name, "keep="), anatomy, site, layer)
 
     def stages(self, anatomy: Anatomy, budget: float | None) -> list[Stage]:
-        site, layer = self._place(anatomy)
+        site, layer = self._place(anatomy, budget)
         ratio = self._keep(anatomy, budget, site, layer)
         return [Stage(self.name, site, layer, lambda ctx: self.choose(ctx, ratio))]
 

@@ -30,6 +30,7 @@ class FastV(Method):
 
     name = "fastv"
     summary = "FastV: last-token attention at LLM layer K-1, drop the rest from layer K (K=2)"
+    sites = ("llm",)
     k: int = 2
     r: float | None = None
 
