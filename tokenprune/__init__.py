@@ -11,6 +11,7 @@ from .api import PatchHandle, methods, patch, unpatch
 from .core.stage import Context, Stage
 from .core.trace import StageRecord, Trace
 from .methods import FastV, Method, Random, Uniform, register
+from .quant import quantize_int8
 
 __version__ = "0.1.0"
 
@@ -29,4 +30,5 @@ __all__ = [
     "Random",
     "Uniform",
     "errors",
+    "quantize_int8",
 ]

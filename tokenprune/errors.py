@@ -35,3 +35,12 @@ class AttentionBackendError(TokenPruneError, ValueError):
 
 class NoMatchError(TokenPruneError, ValueError):
     """A patch would install no hook: never a silent no-op."""
+
+
+class MissingDependencyError(TokenPruneError, ImportError, ValueError):
+    """An option needs an optional dependency that is not installed (``int8=True`` needs
+    bitsandbytes); the message says what to install. Also an ``ImportError``."""
+
+
+class QuantizationError(TokenPruneError, ValueError):
+    """``quantize_int8`` / ``int8=`` received an invalid argument, or the model cannot be quantised."""
