@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..errors import SiteError
 from .hooks import HookSet
 from .masks import columns_from_keep, gather_cols
+from .scoring import cls_attention, mean_keys
 from .select import pad_rows
 from .stage import Context, Stage
 from .state import ForwardState, LLMInput, PromptMap, row_meta, take_meta
@@ -66,6 +67,53 @@ def install_pre_llm(anatomy, stage: Stage | None, state: ForwardState, hooks: Ho
     vp = anatomy.vision
     image_token = anatomy.image_token_id
     record_image_sizes(core, state, hooks)
+    captured = sorted({c % vp.num_layers for c in (stage.capture if stage is not None else ())})
+
+    def capture(layer: int):
+        def hook(mod, kw, out):
+            state.vision_capture[layer] = kw["hidden_states"]
+
+        return hook
+
+    for layer in captured:
+        hooks.post(vp.attention(vp.layers[layer]), capture(layer))
+
+    def tower_scorers(rows: list[list[int]], layouts, cand: torch.Tensor, geometry: dict) -> dict:
+        """Scores read from the encoder's captured layers, mapped to the candidates: each
+        candidate's tower row is its image's base or tile crop, its token its patch (+ CLS)."""
+        first_row = torch.tensor([0] + [int(lay.tile.max()) + 1 for lay in layouts]).cumsum(0)
+        gimg = torch.full_like(cand, -1)
+        for b, imgs in enumerate(rows):
+            if imgs:
+                local = geometry["image"][b].clamp(min=0)
+                gimg[b] = torch.tensor(imgs)[local]
+        patch = (cand >= 0) & (geometry["tile"] >= 0)
+        tower_row = torch.where(patch, first_row[gimg.clamp(min=0)] + geometry["tile"], 0)
+        token = torch.where(patch, int(vp.has_cls) + geometry["row"] * vp.grid[1] + geometry["col"], 0)
+
+        def hidden(layer: int) -> tuple:
+            layer = layer % vp.num_layers
+            if layer not in state.vision_capture:
+                raise SiteError(f"layer: encoder layer {layer} was not captured; list it in the stage's capture")
+            return vp.attention(vp.layers[layer]), state.vision_capture[layer]
+
+        def pick(values: torch.Tensor, fill: float) -> torch.Tensor:
+            out = values[tower_row.to(values.device), token.to(values.device)]
+            mask = (~patch).to(values.device).view(*patch.shape, *([1] * (out.dim() - 2)))
+            return out.masked_fill(mask, fill)
+
+        def cls_score(layer: int, heads: str = "mean") -> torch.Tensor:
+            if not vp.has_cls:
+                raise SiteError("method: this vision tower has no CLS token")
+            attn, h = hidden(layer)
+            a = cls_attention(attn, h, vp.num_heads(attn), vp.scale(attn))
+            return pick(a.sum(1) if heads == "sum" else a.mean(1), float("-inf"))
+
+        def keys(layer: int) -> torch.Tensor:
+            attn, h = hidden(layer)
+            return pick(mean_keys(attn, h), 0.0)
+
+        return {"cls_attention": cls_score, "keys": keys}
 
     def encode(kw: dict):
         mm = dict(kw.get("mm_encoder_outputs") or {})
@@ -131,7 +179,9 @@ def install_pre_llm(anatomy, stage: Stage | None, state: ForwardState, hooks: Ho
         meta = row_meta([[layouts[i] for i in imgs] for imgs in rows])
         kept, new_row_feats = cand, row_feats
         if stage is not None:
-            ctx = Context("pre_llm", -1, cand, take_meta(meta, cand), row_feats)
+            geometry = take_meta(meta, cand)
+            scorers = tower_scorers(rows, layouts, cand, geometry) if captured else {}
+            ctx = Context("pre_llm", -1, cand, geometry, row_feats, scorers)
             sel = stage.select(ctx)
             sel, new_row_feats = sel if isinstance(sel, tuple) else (sel, gather_cols(row_feats, sel.to(ids.device)))
             kept = torch.where(sel >= 0, torch.gather(cand, 1, sel.clamp(min=0).cpu()), -1)

@@ -23,13 +23,33 @@ class Stage:
     ``(positions, features)`` to hand the LLM new features (B, K, D) for the kept slots.
     ``positions`` (LLM site): ``"keep"`` leaves every token its original RoPE position,
     ``"renumber"`` numbers the remaining tokens 0..L'-1 from this layer on (PyramidDrop).
+    ``capture`` (pre-LLM site): encoder layers whose attention inputs the stage reads through
+    ``ctx.score("cls_attention", layer=...)`` / ``ctx.score("keys", layer=...)``.
+    At the vision site ``select`` may return a :class:`Reduction` instead of positions, to merge
+    or rebuild tokens rather than drop them.
     """
 
     name: str
     site: str
     layer: int
-    select: Callable[[Context], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+    select: Callable[[Context], torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Reduction]
     positions: str = "keep"
+    capture: tuple[int, ...] = ()
+
+
+@dataclass
+class Reduction:
+    """New patch tokens for a vision-site stage that merges or rebuilds instead of dropping.
+
+    ``tokens`` (T, K, D) replace the candidate tokens; ``orig`` (T, K) are the original patch
+    indices they stand for (a merged token: its destination's index), ascending; ``size`` (T, K),
+    if given, is how many original patches each token averages and turns on proportional
+    attention (log size added to the attention logits of every later layer, as ToMe does).
+    """
+
+    tokens: torch.Tensor
+    orig: torch.Tensor
+    size: torch.Tensor | None = None
 
 
 META = ("image", "partition", "tile", "row", "col", "y", "x")
@@ -45,6 +65,7 @@ class Context:
     sample), ``tile``, ``row``, ``col`` (patch coordinates in the tile) and ``y``, ``x``
     (normalised centre in the image). ``features`` are the candidates' vectors at this site
     (B, N, D): projected image features before the LLM, hidden states in the encoder or LLM.
+    ``size`` (vision site) is how many original patches each candidate averages (after merging).
     """
 
     site: str
@@ -53,6 +74,7 @@ class Context:
     meta: dict[str, torch.Tensor]
     features: torch.Tensor
     scorers: dict[str, Callable[..., torch.Tensor]] = field(default_factory=dict)
+    size: torch.Tensor | None = None
 
     @property
     def n(self) -> torch.Tensor:
@@ -66,13 +88,14 @@ class Context:
         """Tokens each sample keeps at ``ratio`` of its candidates (B,)."""
         return keep_counts(self.n, ratio)
 
-    def score(self, name: str, **kwargs) -> torch.Tensor:
-        """A score per candidate (B, N), -inf at padding. Names available at this site are in
-        ``scorers`` (e.g. ``"last_token_attention"`` in the LLM, ``"cls_attention"`` in the
-        encoder)."""
+    def get(self, name: str, **kwargs) -> torch.Tensor:
+        """A per-candidate quantity by name, e.g. ``"keys"`` (B, N, d). Names available at this
+        site are the keys of ``scorers``."""
         if name not in self.scorers:
-            raise KeyError(
-                f"score {name!r} is not available at the {self.site} site; available: {sorted(self.scorers)}"
-            )
-        s = self.scorers[name](**kwargs)
-        return s.masked_fill(~self.valid, float("-inf"))
+            raise KeyError(f"{name!r} is not available at the {self.site} site; available: {sorted(self.scorers)}")
+        return self.scorers[name](**kwargs)
+
+    def score(self, name: str, **kwargs) -> torch.Tensor:
+        """A score per candidate (B, N), -inf at padding: ``"last_token_attention"`` in the LLM,
+        ``"cls_attention"`` in the encoder and before the LLM."""
+        return self.get(name, **kwargs).masked_fill(~self.valid, float("-inf"))

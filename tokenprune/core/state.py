@@ -87,6 +87,8 @@ class ForwardState:
     trace: Trace | None = None
     records: list[StageRecord] = field(default_factory=list)
     vision_orig: torch.Tensor | None = None  # (T, N) original patch index of each encoder token
+    vision_size: torch.Tensor | None = None  # (T, N) patches each token averages, after merging
+    vision_capture: dict = field(default_factory=dict)  # layer -> normalised attention input
     vision_mask: torch.Tensor | None = None  # attention-mask override for later encoder layers
     vision_records: list[tuple[str, int, torch.Tensor]] = field(default_factory=list)
     image_sizes: torch.Tensor | None = None

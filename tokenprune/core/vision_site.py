@@ -1,5 +1,8 @@
-"""Site 1: between encoder layers. A pre-hook on encoder layer i gathers the tokens a stage keeps
-(the class token, if any, always stays first); later layers see the shorter sequence."""
+"""Site 1: between encoder layers. A pre-hook on encoder layer i replaces the patch tokens by
+those a stage keeps, or by the merged / rebuilt tokens it returns (the class token, if any, always
+stays first); later layers see the new sequence. Merged tokens carry a size, and their log size is
+added to every later layer's attention logits (ToMe's proportional attention) through the
+layer's attention-mask argument."""
 
 from __future__ import annotations
 
@@ -9,87 +12,110 @@ from ..adapters.base import grid_layout
 from ..errors import SiteError
 from .hooks import HookSet
 from .masks import gather_cols
-from .scoring import cls_attention
-from .stage import Context, Stage
+from .scoring import cls_attention, mean_keys
+from .stage import Context, Reduction, Stage
 from .state import ForwardState, row_meta, take_meta
 from .trace import StageRecord, Trace
 
 
-def _check_equal(sel: torch.Tensor, stage: Stage) -> None:
+def _as_reduction(sel, patches: torch.Tensor, orig: torch.Tensor, size: torch.Tensor | None, stage: Stage):
+    """A drop (positions) as a :class:`Reduction`."""
+    if isinstance(sel, Reduction):
+        return sel
     if bool((sel < 0).any()):
         raise SiteError(
             f"method stage {stage.name!r}: vision-site selections must keep the same number of tokens "
             "for every image of a batch"
         )
+    return Reduction(
+        gather_cols(patches, sel), torch.gather(orig, 1, sel), None if size is None else torch.gather(size, 1, sel)
+    )
 
 
 def install_vision(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSet, standalone: bool) -> None:
     """Hook the encoder layers of ``anatomy.vision`` for the vision-site ``stages``."""
     vp = anatomy.vision
     by_layer = {st.layer: st for st in stages}
+    first = min(by_layer)
+    if first < 1 or max(by_layer) >= vp.num_layers:
+        raise SiteError(
+            f"layer: vision-site stages act before encoder layers 1..{vp.num_layers - 1}; got {sorted(by_layer)}"
+        )
     rows, cols = vp.grid
     off = int(vp.has_cls)
     n_patch = rows * cols
     meta = row_meta([[grid_layout(rows, cols)]])
+    stash: dict[int, torch.Tensor] = {}
 
-    def reset(mod, kw):
-        t = kw["hidden_states"].shape[0]
+    def reset(hs: torch.Tensor) -> None:
+        t = hs.shape[0]
         state.vision_orig = torch.arange(n_patch).expand(t, n_patch)
+        state.vision_size = None
         state.vision_mask = None
         state.vision_records = []
         if standalone:
             state.trace = Trace(torch.full((t,), n_patch), vp.num_layers, "vision")
 
+    def run_stage(stage: Stage, layer, hs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        i = stage.layer
+        if hs.shape[1] != off + state.vision_orig.shape[1]:
+            raise RuntimeError(
+                f"encoder layer {i} got {hs.shape[1]} tokens, expected {off + state.vision_orig.shape[1]}"
+            )
+        orig, size = state.vision_orig, state.vision_size
+        attn, norm = vp.attention(layer), vp.input_norm(layer)
+
+        def cls_score(heads: str = "mean") -> torch.Tensor:
+            if not vp.has_cls:
+                raise SiteError(f"method stage {stage.name!r}: this encoder has no CLS token")
+            a = cls_attention(attn, norm(hs), vp.num_heads(attn), vp.scale(attn))[..., off:]
+            return a.sum(1) if heads == "sum" else a.mean(1)
+
+        def keys(source: str = "previous") -> torch.Tensor:
+            if source == "previous":
+                return mean_keys(vp.attention(vp.layers[i - 1]), stash[i - 1])[:, off:]
+            return mean_keys(attn, norm(hs))[:, off:]
+
+        t = orig.shape[0]
+        geometry = take_meta({k: v.expand(t, -1) for k, v in meta.items()}, orig)
+        patches = hs[:, off:]
+        ctx = Context("vision", i, orig, geometry, patches, {"cls_attention": cls_score, "keys": keys}, size)
+        red = _as_reduction(stage.select(ctx), patches, orig, size, stage)
+        state.vision_orig, state.vision_size = red.orig, red.size
+        new = torch.cat([hs[:, :off], red.tokens.to(hs.dtype)], 1)
+        if red.size is not None and bool((red.size != 1).any()):  # proportional attention: + log(size)
+            sizes = torch.cat([torch.ones(t, off, dtype=red.size.dtype, device=hs.device), red.size], 1)
+            state.vision_mask = sizes.log().to(hs.dtype)[:, None, None, :]
+        elif mask is not None and mask.dim() == 4:
+            raise SiteError(f"method stage {stage.name!r}: encoders called with an attention mask are not supported")
+        else:
+            state.vision_mask = None
+        state.vision_records.append((stage.name, i, state.vision_orig))
+        if standalone:
+            state.trace.stages.append(StageRecord(stage.name, "vision", i, state.vision_orig))
+        return new
+
     def make_hook(i: int):
         def hook(mod, kw):
             if i == 0:
-                reset(mod, kw)
+                reset(kw["hidden_states"])
             stage = by_layer.get(i)
             if stage is not None:
-                hs = kw["hidden_states"]
-                if hs.shape[1] != off + state.vision_orig.shape[1]:
-                    raise RuntimeError(
-                        f"encoder layer {i} got {hs.shape[1]} tokens, expected {off + state.vision_orig.shape[1]}"
-                    )
-                orig = state.vision_orig
-                attn, norm = vp.attention(mod), vp.input_norm(mod)
-
-                def cls_score() -> torch.Tensor:
-                    if not vp.has_cls:
-                        raise SiteError(f"method stage {stage.name!r}: this encoder has no CLS token")
-                    a = cls_attention(attn, norm(hs), vp.num_heads(attn), vp.scale(attn))
-                    return a.mean(1)[:, off:]
-
-                ctx = Context(
-                    "vision",
-                    i,
-                    orig,
-                    take_meta({k: v.expand(orig.shape[0], -1) for k, v in meta.items()}, orig),
-                    hs[:, off:],
-                    scorers={"cls_attention": cls_score},
-                )
-                sel = stage.select(ctx)
-                _check_equal(sel, stage)
-                keep_cols = torch.cat([torch.arange(off).expand(sel.shape[0], off), sel + off], 1)
-                kw["hidden_states"] = gather_cols(hs, keep_cols)
-                state.vision_orig = torch.gather(orig, 1, sel)
-                m = kw.get("attention_mask")
-                if m is not None and m.dim() == 4:
-                    state.vision_mask = gather_cols(gather_cols(m, keep_cols, 2), keep_cols, 3)
-                state.vision_records.append((stage.name, i, state.vision_orig))
-                if standalone:
-                    state.trace.stages.append(StageRecord(stage.name, "vision", i, state.vision_orig))
+                kw["hidden_states"] = run_stage(stage, mod, kw["hidden_states"], kw.get("attention_mask"))
             if state.vision_mask is not None:
                 kw["attention_mask"] = state.vision_mask
             return kw
 
         return hook
 
-    first = min(by_layer)
-    if first < 1 or max(by_layer) >= vp.num_layers:
-        raise SiteError(
-            f"layer: vision-site stages act before encoder layers 1..{vp.num_layers - 1}; got {sorted(by_layer)}"
-        )
+    def keep_input(i: int):
+        def hook(mod, kw, out):
+            stash[i] = kw["hidden_states"]
+
+        return hook
+
     for i, layer in enumerate(vp.layers):
         if i == 0 or i >= first:
             hooks.pre(layer, make_hook(i))
+        if i + 1 in by_layer:
+            hooks.post(vp.attention(layer), keep_input(i))
