@@ -88,3 +88,17 @@ def test_trace_tokens_entering_follows_stage_order():
     )
     assert trace.visual_tokens_per_layer == [8.0, 8.0, 4.0, 4.0]
     assert trace.realized_budget == pytest.approx(24 / 40)
+
+
+def test_composed_methods_apply_in_order(deep):
+    model, inputs = deep
+    both = [tokenprune.method("random", keep=0.5), tokenprune.method("fastv", k=4, r=0.5)]
+    with tokenprune.patch(model, both) as handle, torch.no_grad():
+        model(**inputs)
+    pre, llm = handle.trace.stages
+    assert (pre.site, llm.site, llm.layer) == ("pre_llm", "llm", 4)
+    assert pre.counts.tolist() == [32, 32] and llm.counts.tolist() == [16, 16]
+    for a, b in zip(pre.kept, llm.kept):
+        assert set(b.tolist()) <= set(a.tolist())  # the LLM stage chooses among what reached it
+    assert handle.method.name == "random+fastv"
+    assert handle.trace.visual_tokens_per_layer == [32.0] * 4 + [16.0] * 12

@@ -59,13 +59,20 @@ class PatchHandle:
 
 
 def patch(
-    model: nn.Module, method: str | Method = "fastv", budget: float | None = None, *, int8: bool = False, **params
+    model: nn.Module,
+    method: str | Method | list = "fastv",
+    budget: float | None = None,
+    *,
+    int8: bool = False,
+    **params,
 ) -> PatchHandle:
     """Inject a token-reduction method into ``model`` with hooks (no class swap, no copied code).
 
     Args:
         model: a supported Hugging Face model (see ``tokenprune.adapters.SUPPORTED``).
-        method: a registered method name (``tokenprune.methods()``) or a method instance.
+        method: a registered method name (``tokenprune.methods()``), a method instance, or a list
+            of them to compose (e.g. ``["pdrop", "early_exit"]``; parameters then go into
+            instances made with ``tokenprune.method(name, **params)``).
         budget: fraction of visual-token compute kept, in (0, 1]: the mean over LLM decoder layers
             (encoder layers for a standalone encoder) of the visual tokens entering a layer over
             the unpruned count. Optional when the method's explicit parameters fix its schedule.
@@ -96,7 +103,7 @@ def patch(
                 "(model.set_attn_implementation('sdpa'))"
             )
     unpatch(model)
-    engine = Engine(anatomy, stages)
+    engine = Engine(anatomy, stages, m.install)
     if int8:  # after every check passed; hooks on replaced linears move to the int8 layers
         try:
             quantize_int8(model)
@@ -113,6 +120,11 @@ def unpatch(model: nn.Module) -> None:
     handle = model.__dict__.get(_ATTR)
     if handle is not None:
         handle.remove()
+
+
+def method(name: str, **params) -> Method:
+    """A method instance by registered name, e.g. ``tokenprune.method("fastv", k=3, r=0.75)``."""
+    return build(name, **params)
 
 
 def methods() -> dict[str, str]:

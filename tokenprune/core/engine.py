@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..adapters.base import Anatomy
 from ..errors import NoMatchError, SiteError
 from .hooks import HookSet
@@ -13,9 +15,10 @@ from .vision_site import install_vision
 
 
 class Engine:
-    """The hooks and per-forward state of one patch."""
+    """The hooks and per-forward state of one patch: the stages' hooks, then those of
+    ``install`` (a method's own non-stage hooks, e.g. early exit)."""
 
-    def __init__(self, anatomy: Anatomy, stages: list[Stage]) -> None:
+    def __init__(self, anatomy: Anatomy, stages: list[Stage], install: Callable | None = None) -> None:
         self.anatomy = anatomy
         self.state = ForwardState()
         self.hooks = HookSet()
@@ -31,8 +34,6 @@ class Engine:
             )
         if len(by_site["pre_llm"]) > 1:
             raise SiteError("method: at most one pre_llm stage")
-        if not stages:
-            raise NoMatchError("method: no stage to install")
         try:
             if by_site["vision"]:
                 if anatomy.name == "llava_next":
@@ -42,11 +43,14 @@ class Engine:
                 install_pre_llm(anatomy, (by_site["pre_llm"] or [None])[0], self.state, self.hooks)
             if by_site["llm"]:
                 install_llm(anatomy, by_site["llm"], self.state, self.hooks)
+            if install is not None:
+                install(anatomy, self.hooks, self.state)
         except Exception:
             self.hooks.remove()
             raise
-        if len(self.hooks) == 0:
-            raise NoMatchError(f"method: its stages matched no layer of this {anatomy.name} model")
+        if len(self.hooks) == 0 or not (stages or install):
+            self.hooks.remove()
+            raise NoMatchError(f"method: it matched no layer of this {anatomy.name} model")
 
     def remove(self) -> None:
         self.hooks.remove()

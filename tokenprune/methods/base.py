@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import ClassVar
 
 from ..adapters.base import Anatomy
@@ -23,7 +24,34 @@ class Method:
     sites: ClassVar[tuple[str, ...]] = ("vision", "pre_llm", "llm")
 
     def stages(self, anatomy: Anatomy, budget: float | None) -> list[Stage]:
+        """The token-reduction stages this method installs for ``budget`` on ``anatomy``."""
         raise NotImplementedError
+
+    def install(self, anatomy: Anatomy, hooks, state) -> None:
+        """Hooks for mechanisms that are not token stages (early exit); nothing by default.
+        ``hooks`` is the patch's :class:`~tokenprune.core.hooks.HookSet` (removed with it) and
+        ``state`` its :class:`~tokenprune.core.state.ForwardState`."""
+
+
+@dataclass
+class Compose(Method):
+    """Several methods applied together (``patch(model, ["pdrop", "early_exit"])``): the stages of
+    all of them, in order, each given the same ``budget``."""
+
+    name = "compose"
+    summary = "several methods applied together"
+    parts: tuple[Method, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.name = "+".join(p.name for p in self.parts)
+        self.sites = tuple(dict.fromkeys(s for p in self.parts for s in p.sites))
+
+    def stages(self, anatomy: Anatomy, budget: float | None) -> list[Stage]:
+        return [st for p in self.parts for st in p.stages(anatomy, budget)]
+
+    def install(self, anatomy: Anatomy, hooks, state) -> None:
+        for p in self.parts:
+            p.install(anatomy, hooks, state)
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -32,8 +60,18 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def build(method: str | Method, **params) -> Method:
-    """A method instance from its registered name and parameters (or an instance as is)."""
+def build(method: str | Method | list | tuple, **params) -> Method:
+    """A method instance from its registered name and parameters (or an instance as is); a list
+    of names or instances composes them (parameters then go into instances)."""
+    if isinstance(method, (list, tuple)):
+        if params:
+            raise MethodArgumentError(
+                f"method: parameters {sorted(params)} are ambiguous with a list of methods; pass instances, "
+                "e.g. tokenprune.method('fastv', k=3)"
+            )
+        if not method:
+            raise UnknownMethodError("method: an empty list of methods")
+        return Compose(tuple(build(m) for m in method))
     if isinstance(method, Method):
         if params:
             raise MethodArgumentError(f"method: parameters {sorted(params)} given with a method instance")
