@@ -1,0 +1,205 @@
+"""Reports from ``results.json``: a markdown table, Pareto plots and kept-token overlays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .results import cell_path
+
+
+def _f(v: Any, fmt: str = "{:.3f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """One table per task: accuracy (and per kind), relative accuracy, FLOPs, tokens, latency, speed-ups."""
+    run = results["run"]
+    lines = [
+        f"# tokenprune eval: `{run['model']}`",
+        "",
+        f"device {run['device']} ({run.get('gpu') or 'cpu'}), dtype {run.get('dtype') or 'checkpoint'}, "
+        f"attention {run.get('attn_implementation')}, batch {run['batch_size']}, seed {run['seed']}, "
+        f"processes {run['world_size']}; greedy decoding.",
+        "",
+        "FLOPs: " + run["flops_convention"],
+        "",
+    ]
+    if results.get("skipped_methods"):
+        lines += [f"Skipped: {', '.join(f'`{m}` ({why})' for m, why in results['skipped_methods'].items())}", ""]
+    for task in dict.fromkeys(c["task"] for c in results["cells"]):
+        cells = [c for c in results["cells"] if c["task"] == task]
+        kinds = sorted({k for c in cells if c.get("status") == "ok" for k in c["metrics"].get("by_kind", {})})
+        metric = next((c["metrics"]["metric"] for c in cells if c.get("status") == "ok"), "accuracy")
+        lines += [f"## {task}", "", f"accuracy = {metric}; n = "
+                  f"{next((c['metrics']['n'] for c in cells if c.get('status') == 'ok'), 0)}", ""]
+        head = ["method", "budget", "accuracy", "rel. acc %", *kinds, "vis. tokens/layer", "realized budget",
+                "prefill GMACs", "FLOPs ratio", "LLM FLOPs ratio", "prefill ms", "speed-up", "ideal", "speed-up/ideal",
+                "e2e ms", "decode tok/s", "KV MiB"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for c in cells:
+            budget = "–" if c["budget"] is None else f"{c['budget']:g}"
+            if c.get("status") != "ok":
+                lines.append(f"| {c['method']} | {budget} | error: {c.get('error', '')[:80]} |")
+                continue
+            m, rel, lat = c["metrics"], c.get("relative") or {}, c.get("latency") or {}
+            row = [c["method"], budget, _f(m["accuracy"]), _f(rel.get("accuracy_pct"), "{:.1f}"),
+                   *[_f(m["by_kind"].get(k)) for k in kinds],
+                   _f(c.get("visual_tokens_layer_mean"), "{:.1f}"), _f(c.get("realized_budget"), "{:.3f}"),
+                   _f(c["flops_macs"]["prefill_total"] / 1e9, "{:.4f}"), _f(rel.get("flops_ratio")),
+                   _f(rel.get("llm_flops_ratio")), _f(lat.get("prefill_s") and lat["prefill_s"] * 1e3, "{:.2f}"),
+                   _f(rel.get("speedup_prefill"), "{:.2f}x"), _f(rel.get("ideal_speedup"), "{:.2f}x"),
+                   _f(rel.get("speedup_over_ideal"), "{:.2f}"), _f(lat.get("e2e_s") and lat["e2e_s"] * 1e3, "{:.1f}"),
+                   _f(lat.get("decode_tokens_per_s"), "{:.1f}"),
+                   _f(lat.get("kv_cache_bytes") and lat["kv_cache_bytes"] / 2**20, "{:.3f}")]
+            lines.append("| " + " | ".join(row) + " |")
+        extra = [c for c in cells if c.get("status") == "ok" and ("pope" in c["metrics"] or "rec" in c["metrics"])]
+        if extra:
+            lines += ["", "| method | budget | POPE acc | P | R | F1 | yes-ratio | REC IoU | Acc@0.5 | Center acc |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+            for c in extra:
+                p, r = c["metrics"].get("pope", {}), c["metrics"].get("rec", {})
+                budget = "–" if c["budget"] is None else f"{c['budget']:g}"
+                lines.append("| " + " | ".join([c["method"], budget, *[_f(p.get(k)) for k in
+                             ("accuracy", "precision", "recall", "f1", "yes_ratio")],
+                             *[_f(r.get(k)) for k in ("IoU", "ACC@0.5", "Center_ACC")]]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plots(results: dict[str, Any], folder: Path) -> list[Path]:
+    """Per task: accuracy vs relative FLOPs (one line per method, Pareto view) and accuracy vs measured
+    prefill speed-up. Needs matplotlib (the ``eval`` extra)."""
+    plt = _plt()
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for task in dict.fromkeys(c["task"] for c in results["cells"]):
+        cells = [c for c in results["cells"] if c["task"] == task and c.get("status") == "ok" and c.get("relative")]
+        base = next((c for c in cells if c["method"] == "none"), None)
+        for key, xlabel, fname in (("flops_ratio", "prefill FLOPs relative to unpruned", "acc_vs_flops"),
+                                   ("speedup_prefill", "measured prefill speed-up (x)", "acc_vs_speedup")):
+            fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
+            for method in dict.fromkeys(c["method"] for c in cells if c["method"] != "none"):
+                pts = sorted((c["relative"][key], c["metrics"]["accuracy"]) for c in cells
+                             if c["method"] == method and c["relative"].get(key) is not None)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=method)
+            if base is not None and base["relative"].get(key) is not None:
+                ax.scatter([base["relative"][key]], [base["metrics"]["accuracy"]], marker="*", s=160, c="k",
+                           label="unpruned", zorder=5)
+            if key == "speedup_prefill":
+                ax.axvline(1.0, color="grey", lw=0.6, ls=":")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"{task} accuracy")
+            ax.set_title(f"{task}: accuracy vs {'FLOPs' if key == 'flops_ratio' else 'speed-up'}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = folder / f"{task}_{fname}.png"
+            fig.savefig(path)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def overlays(out: Path, results: dict[str, Any], budget: float | None = None) -> list[Path]:
+    """Per task: example images (rows) x methods (columns), kept visual tokens bright and dropped ones
+    dimmed, drawn from the per-doc ``overlay`` records in the cells. ``budget`` picks the budget shown
+    (default: the smallest evaluated)."""
+    import numpy as np
+    from PIL import Image
+
+    plt = _plt()
+    written = []
+    for task in dict.fromkeys(c["task"] for c in results["cells"]):
+        img_dir = out / "overlays" / "images" / task
+        if not img_dir.is_dir():
+            continue
+        budgets = sorted({c["budget"] for c in results["cells"] if c["task"] == task and c["budget"] is not None})
+        b = budget if budget is not None else (budgets[0] if budgets else None)
+        cols = []
+        for c in results["cells"]:
+            if c["task"] == task and c.get("status") == "ok" and (c["method"] == "none" or c["budget"] == b):
+                full = json.loads(cell_path(out, task, c["method"], c["budget"]).read_text())
+                recs = {r["index"]: r.get("overlay") for r in full.get("records", []) if r.get("overlay")}
+                cols.append((c["method"], recs))
+        rows = sorted({i for _, recs in cols for i in recs})
+        if not rows or not cols:
+            continue
+        fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.3 * len(cols), 2.5 * len(rows)), dpi=100,
+                                 squeeze=False)
+        for r, idx in enumerate(rows):
+            img = np.asarray(Image.open(img_dir / f"{idx}.png").convert("RGB")).astype(np.float32) / 255
+            h, w = img.shape[:2]
+            question = (img_dir / f"{idx}.txt").read_text() if (img_dir / f"{idx}.txt").exists() else ""
+            for c, (method, recs) in enumerate(cols):
+                ax = axes[r][c]
+                ax.axis("off")
+                rec = recs.get(idx)
+                if rec is None:
+                    continue
+                ax.imshow(_overlay(img, rec, h, w))
+                n_base = sum(1 for t in rec["tile"] if t == 0)
+                kept_base = sum(1 for k in rec["kept"] if rec["tile"][k] == 0)
+                title = f"{method}{'' if method == 'none' else f' @{b:g}'}\n{kept_base}/{n_base} kept"
+                ax.set_title(title, fontsize=8)
+                if c == 0:
+                    ax.text(0, h + 4, question[:60], fontsize=6, va="top")
+        fig.tight_layout()
+        path = out / "overlays" / f"{task}_overlays.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _overlay(img, rec: dict[str, Any], h: int, w: int):
+    """The image dimmed where base-grid tokens were dropped (anyres tiles and newlines are ignored)."""
+    import numpy as np
+
+    rows, cols = rec["grid"]
+    keep = np.zeros((rows, cols), dtype=bool)
+    seen = np.zeros((rows, cols), dtype=bool)
+    kept = set(rec["kept"])
+    for i, (t, y, x) in enumerate(zip(rec["tile"], rec["y"], rec["x"])):
+        if t != 0:
+            continue
+        r, c = min(rows - 1, int(y * rows)), min(cols - 1, int(x * cols))
+        seen[r, c] = True
+        keep[r, c] = keep[r, c] or i in kept
+    ys = np.minimum((np.arange(h) * rows) // h, rows - 1)
+    xs = np.minimum((np.arange(w) * cols) // w, cols - 1)
+    mask = keep[ys][:, xs] | ~seen[ys][:, xs]
+    out = img.copy()
+    out[~mask] = out[~mask] * 0.25 + np.array([0.0, 0.0, 0.15])
+    # grid lines around kept cells
+    edge = np.zeros((h, w), dtype=bool)
+    edge[:, 1:] |= mask[:, 1:] != mask[:, :-1]
+    edge[1:, :] |= mask[1:, :] != mask[:-1, :]
+    out[edge] = [1.0, 0.85, 0.0]
+    return out
+
+
+def write_reports(results: dict[str, Any], out: Path) -> dict[str, Any]:
+    """results.md, and (with matplotlib) plots/*.png and overlays/*.png. Returns what was written."""
+    out = Path(out)
+    (out / "results.md").write_text(markdown(results))
+    written: dict[str, Any] = {"markdown": str(out / "results.md"), "plots": [], "overlays": []}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        written["note"] = "matplotlib missing: pip install 'tokenprune-vlm[eval]' for plots and overlays"
+        return written
+    written["plots"] = [str(p) for p in plots(results, out / "plots")]
+    written["overlays"] = [str(p) for p in overlays(out, results)]
+    return written
