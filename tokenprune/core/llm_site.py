@@ -99,7 +99,7 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
         ctx = Context(
             "llm", k, orig, take_meta(inp.meta, orig), gather_cols(hs, cand_cols), {"last_token_attention": attention}
         )
-        sel = stage.select(ctx)
+        sel = stage.select(ctx).to(hs.device)
         state.stash.pop(k - 1, None)
         kept_cols = torch.where(sel >= 0, torch.gather(cand_cols, 1, sel.clamp(min=0)), -1)
         keep = (visual < 0) & (prev.cols >= 0 if prev else torch.ones_like(real))  # text, padding

@@ -68,6 +68,7 @@ def install_pre_llm(anatomy, stage: Stage | None, state: ForwardState, hooks: Ho
     image_token = anatomy.image_token_id
     record_image_sizes(core, state, hooks)
     captured = sorted({c % vp.num_layers for c in (stage.capture if stage is not None else ())})
+    projector = getattr(core, "multi_modal_projector", None)
 
     def capture(layer: int):
         def hook(mod, kw, out):
@@ -75,8 +76,15 @@ def install_pre_llm(anatomy, stage: Stage | None, state: ForwardState, hooks: Ho
 
         return hook
 
+    def capture_output(layer: int):
+        def hook(mod, kw, out):
+            state.vision_capture[("output", layer)] = out[0] if isinstance(out, tuple) else out
+
+        return hook
+
     for layer in captured:
         hooks.post(vp.attention(vp.layers[layer]), capture(layer))
+        hooks.post(vp.layers[layer], capture_output(layer))
 
     def tower_scorers(rows: list[list[int]], layouts, cand: torch.Tensor, geometry: dict) -> dict:
         """Scores read from the encoder's captured layers, mapped to the candidates: each
@@ -113,7 +121,11 @@ def install_pre_llm(anatomy, stage: Stage | None, state: ForwardState, hooks: Ho
             attn, h = hidden(layer)
             return pick(mean_keys(attn, h), 0.0)
 
-        return {"cls_attention": cls_score, "keys": keys}
+        def output(layer: int) -> torch.Tensor:
+            hidden(layer)  # same capture check
+            return pick(state.vision_capture[("output", layer % vp.num_layers)], 0.0)
+
+        return {"cls_attention": cls_score, "keys": keys, "hidden": output}
 
     def encode(kw: dict):
         mm = dict(kw.get("mm_encoder_outputs") or {})
@@ -181,7 +193,7 @@ def install_pre_llm(anatomy, stage: Stage | None, state: ForwardState, hooks: Ho
         if stage is not None:
             geometry = take_meta(meta, cand)
             scorers = tower_scorers(rows, layouts, cand, geometry) if captured else {}
-            ctx = Context("pre_llm", -1, cand, geometry, row_feats, scorers)
+            ctx = Context("pre_llm", -1, cand, geometry, row_feats, scorers, project=projector)
             sel = stage.select(ctx)
             sel, new_row_feats = sel if isinstance(sel, tuple) else (sel, gather_cols(row_feats, sel.to(ids.device)))
             kept = torch.where(sel >= 0, torch.gather(cand, 1, sel.clamp(min=0).cpu()), -1)

@@ -24,7 +24,8 @@ class Stage:
     ``positions`` (LLM site): ``"keep"`` leaves every token its original RoPE position,
     ``"renumber"`` numbers the remaining tokens 0..L'-1 from this layer on (PyramidDrop).
     ``capture`` (pre-LLM site): encoder layers whose attention inputs the stage reads through
-    ``ctx.score("cls_attention", layer=...)`` / ``ctx.score("keys", layer=...)``.
+    ``ctx.score("cls_attention", layer=...)`` / ``ctx.score("keys", layer=...)``, and whose outputs
+    through ``ctx.get("hidden", layer=...)``.
     At the vision site ``select`` may return a :class:`Reduction` instead of positions, to merge
     or rebuild tokens rather than drop them.
     """
@@ -66,6 +67,9 @@ class Context:
     (normalised centre in the image). ``features`` are the candidates' vectors at this site
     (B, N, D): projected image features before the LLM, hidden states in the encoder or LLM.
     ``size`` (vision site) is how many original patches each candidate averages (after merging).
+    ``project`` (pre-LLM site) maps encoder features (e.g. ``ctx.get("hidden", layer=...)``, the
+    output of a captured encoder layer, or sums of them) into the LLM's feature space with the
+    model's own projector, for methods that merge before projection (VisionZip).
     """
 
     site: str
@@ -75,6 +79,7 @@ class Context:
     features: torch.Tensor
     scorers: dict[str, Callable[..., torch.Tensor]] = field(default_factory=dict)
     size: torch.Tensor | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def n(self) -> torch.Tensor:

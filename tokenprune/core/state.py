@@ -41,9 +41,9 @@ def row_meta(per_row: list[list[ImageLayout]]) -> dict[str, torch.Tensor]:
 
 
 def take_meta(meta: dict[str, torch.Tensor], orig: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Geometry of the candidates ``orig`` (B, N; -1 padding)."""
-    idx = orig.clamp(min=0).to(next(iter(meta.values())).device)
-    return {k: torch.gather(v, 1, idx).masked_fill(orig.cpu() < 0, -1) for k, v in meta.items()}
+    """Geometry of the candidates ``orig`` (B, N; -1 padding), on ``orig``'s device."""
+    idx = orig.clamp(min=0).cpu()
+    return {k: torch.gather(v, 1, idx).masked_fill(idx.ne(orig.cpu()), -1).to(orig.device) for k, v in meta.items()}
 
 
 @dataclass
@@ -96,6 +96,7 @@ class ForwardState:
     llm_input: LLMInput | None = None
     llm_stages: list[LLMStageState] = field(default_factory=list)
     stash: dict = field(default_factory=dict)
+    early_exit: object | None = None  # the early-exit method's per-forward state
 
     def active_llm_stage(self, layer: int) -> LLMStageState | None:
         active = None

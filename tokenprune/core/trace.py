@@ -24,6 +24,34 @@ class StageRecord:
 
 
 @dataclass
+class ExitRecord:
+    """Early exit in one prefill and the decode steps after it (``method="early_exit"``).
+
+    ``decode`` holds, per decode step (tokens after the first, which the full prefill produces),
+    the (B,) decoder layers each sample ran, out of ``num_layers``. ``vision`` is the (T,) encoder
+    layers run per encoded image / tile, out of ``vision_num_layers``; ``classify`` the (B,) encoder
+    layers run before an exit head (or the final head) answered, for an encoder classifier."""
+
+    num_layers: int = 0
+    decode: list[torch.Tensor] = field(default_factory=list)
+    vision: torch.Tensor | None = None
+    vision_num_layers: int = 0
+    classify: torch.Tensor | None = None
+
+    @property
+    def layers_per_token(self) -> torch.Tensor:
+        """(B, steps) decoder layers run for each decoded token after the first."""
+        if not self.decode:
+            return torch.zeros(0, 0, dtype=torch.long)
+        return torch.stack(self.decode, 1)
+
+    @property
+    def mean_decode_layers(self) -> float | None:
+        """Mean decoder layers per decoded token (None before a decode step)."""
+        return float(self.layers_per_token.float().mean()) if self.decode else None
+
+
+@dataclass
 class Trace:
     """What the last prefill kept.
 
@@ -36,6 +64,7 @@ class Trace:
     num_layers: int
     budget_site: str
     stages: list[StageRecord] = field(default_factory=list)
+    early_exit: ExitRecord | None = None
 
     def tokens_entering(self, layer: int) -> torch.Tensor:
         """Visual tokens per sample entering ``layer`` of the budgeted stack (B,)."""

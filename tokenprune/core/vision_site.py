@@ -27,6 +27,7 @@ def _as_reduction(sel, patches: torch.Tensor, orig: torch.Tensor, size: torch.Te
             f"method stage {stage.name!r}: vision-site selections must keep the same number of tokens "
             "for every image of a batch"
         )
+    sel = sel.to(patches.device)
     return Reduction(
         gather_cols(patches, sel), torch.gather(orig, 1, sel), None if size is None else torch.gather(size, 1, sel)
     )
@@ -49,7 +50,7 @@ def install_vision(anatomy, stages: list[Stage], state: ForwardState, hooks: Hoo
 
     def reset(hs: torch.Tensor) -> None:
         t = hs.shape[0]
-        state.vision_orig = torch.arange(n_patch).expand(t, n_patch)
+        state.vision_orig = torch.arange(n_patch, device=hs.device).expand(t, n_patch)
         state.vision_size = None
         state.vision_mask = None
         state.vision_records = []
@@ -92,7 +93,7 @@ def install_vision(anatomy, stages: list[Stage], state: ForwardState, hooks: Hoo
             state.vision_mask = None
         state.vision_records.append((stage.name, i, state.vision_orig))
         if standalone:
-            state.trace.stages.append(StageRecord(stage.name, "vision", i, state.vision_orig))
+            state.trace.stages.append(StageRecord(stage.name, "vision", i, state.vision_orig.cpu()))
         return new
 
     def make_hook(i: int):
