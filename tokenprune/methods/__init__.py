@@ -3,6 +3,10 @@
 from . import baselines, fastv  # noqa: F401  (registration)
 from .base import REGISTRY, Method, build, register
 from .baselines import Random, Uniform
+from .cluster import Cluster as Cluster  # registration
 from .fastv import FastV
+from .hired import HiRED as HiRED  # registration
+from .tome import ToMe as ToMe  # registration
+from .visionzip import VisionZip as VisionZip  # registration
 
 __all__ = ["REGISTRY", "Method", "build", "register", "Random", "Uniform", "FastV"]
