@@ -1,0 +1,83 @@
+"""``tokenprune demo``: the bundled LLaVA fixture, unpruned and a few methods at budget 0.2 on a few
+hundred shapes test questions; prints the table and writes results, plots and overlays. No download."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+DEMO_METHODS = ("random", "uniform", "fastv", "pdrop", "feather")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``demo`` subcommand's options."""
+    p.add_argument("--out", type=Path, default=Path("tokenprune-demo"), help="output folder")
+    p.add_argument("--model", default="bundled:llava", help="bundled:llava (default), bundled:llava_next or a folder")
+    p.add_argument("--n", type=int, default=300, help="shapes test questions (default 300)")
+    p.add_argument("--budget", type=float, default=0.2)
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated; default: the registered ones of {', '.join(DEMO_METHODS)}")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--latency-samples", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the demo and print the table; returns results.json's object."""
+    import torch
+
+    import tokenprune
+
+    from .harness import EvalConfig
+    from .harness import run as run_eval
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model.startswith("bundled:"):
+        from tokenprune.demo import checkpoint_path
+
+        kind = args.model.split(":", 1)[1]
+        if not (checkpoint_path(kind) / "config.json").is_file():
+            raise SystemExit(
+                f"tokenprune demo: the bundled {kind} fixture is not installed at {checkpoint_path(kind)}; "
+                f"reinstall tokenprune-vlm, or pass --model PATH to a LLaVA checkpoint folder."
+            )
+    registered = tokenprune.methods()
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else [
+        m for m in DEMO_METHODS if m in registered]
+    t0 = time.perf_counter()
+    cfg = EvalConfig(model=args.model, tasks=["shapes"], methods=["none", *methods], budgets=[args.budget],
+                     out=args.out, limit=args.n, batch_size=args.batch_size, latency_samples=args.latency_samples,
+                     repeats=3, warmup=1, overlays=4, progress=not args.no_progress)
+    results = run_eval(cfg)
+    print(_table(results))
+    print(f"\nfull tables: {args.out / 'results.md'}; JSON: {args.out / 'results.json'}")
+    print(f"plots: {args.out / 'plots'}; kept-token overlays: {args.out / 'overlays' / 'shapes_overlays.png'}")
+    print(f"demo took {time.perf_counter() - t0:.0f} s")
+    return results
+
+
+def _table(results: dict[str, Any]) -> str:
+    """A compact terminal table: accuracy per question type, FLOPs ratio, measured speed-up."""
+    cells = [c for c in results["cells"] if c.get("status") == "ok"]
+    kinds = sorted({k for c in cells for k in c["metrics"]["by_kind"]})
+    head = ["method", "budget", "all", *kinds, "FLOPs", "speed-up", "ideal"]
+    rows = [head]
+    for c in results["cells"]:
+        b = "-" if c["budget"] is None else f"{c['budget']:g}"
+        if c.get("status") != "ok":
+            rows.append([c["method"], b, "error: " + str(c.get("error"))[:60]])
+            continue
+        rel = c.get("relative") or {}
+        fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+        by_kind = c["metrics"]["by_kind"]
+        rows.append([c["method"], b, fmt(c["metrics"]["accuracy"]), *[fmt(by_kind.get(k)) for k in kinds],
+                     fmt(rel.get("flops_ratio")), fmt(rel.get("speedup_prefill"), "{:.2f}x"),
+                     fmt(rel.get("ideal_speedup"), "{:.2f}x")])
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(head))]
+    lines = ["  ".join(v.ljust(widths[i]) for i, v in enumerate(r)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""The ``tokenprune`` command: ``tokenprune demo`` (more subcommands, e.g. ``serve``, plug in here)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from evals.demo import run
+    except ImportError as e:  # pragma: no cover - evals ships with the package
+        print(f"tokenprune demo needs the evaluation harness (evals): {e}", file=sys.stderr)
+        return 1
+    run(args)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The top-level parser; each subcommand sets ``func``."""
+    p = argparse.ArgumentParser(prog="tokenprune", description="Visual-token pruning for Hugging Face VLMs.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    demo = sub.add_parser("demo", help="bundled LLaVA fixture: unpruned vs methods at budget 0.2 (no download)")
+    try:
+        from evals.demo import add_arguments
+    except ImportError:  # pragma: no cover
+        add_arguments = None
+    if add_arguments is not None:
+        add_arguments(demo)
+    demo.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tokenprune`` console script."""
+    p = parser()
+    args = p.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        p.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
