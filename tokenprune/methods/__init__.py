@@ -4,6 +4,7 @@ from . import baselines, fastv  # noqa: F401  (registration)
 from .base import REGISTRY, Method, build, register
 from .baselines import Random, Uniform
 from .cluster import Cluster as Cluster  # registration
+from .early_exit import EarlyExit as EarlyExit  # registration
 from .fastv import FastV
 from .hired import HiRED as HiRED  # registration
 from .tome import ToMe as ToMe  # registration
