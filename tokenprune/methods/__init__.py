@@ -1,13 +1,15 @@
 """Registered token-reduction methods."""
 
-from . import baselines, fastv  # noqa: F401  (registration)
+from . import baselines, fastv, feather, pyramiddrop  # noqa: F401  (registration)
 from .base import REGISTRY, Method, build, register
 from .baselines import Random, Uniform
 from .cluster import Cluster as Cluster  # registration
 from .early_exit import EarlyExit as EarlyExit  # registration
 from .fastv import FastV
+from .feather import Feather
 from .hired import HiRED as HiRED  # registration
+from .pyramiddrop import PyramidDrop
 from .tome import ToMe as ToMe  # registration
 from .visionzip import VisionZip as VisionZip  # registration
 
-__all__ = ["REGISTRY", "Method", "build", "register", "Random", "Uniform", "FastV"]
+__all__ = ["REGISTRY", "Method", "build", "register", "Random", "Uniform", "FastV", "PyramidDrop", "Feather"]
