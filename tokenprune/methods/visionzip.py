@@ -138,6 +138,8 @@ class VisionZip(Method):
         crops = [members[tile[members] == t] for t in sorted(set(tile[members].tolist())) if t >= 0]
         if budget is not None:
             total = int(round(budget * members.numel()))
+            if total >= members.numel():  # full budget: the model's own tokens, newlines included
+                return members, members[:0], hidden[:0]
             shares = allocate(total, [c.numel() + (cls.numel() if i == 0 else 0) for i, c in enumerate(crops)])
         else:
             shares = [sum(self.split(0)) for _ in crops]
