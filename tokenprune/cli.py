@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .serve import cli as serve_cli
+
 
 def _demo(args: argparse.Namespace) -> int:
     try:
@@ -28,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     if add_arguments is not None:
         add_arguments(demo)
     demo.set_defaults(func=_demo)
+    serve = sub.add_parser("serve", help=serve_cli.DESCRIPTION, description=serve_cli.DESCRIPTION)
+    serve_cli.add_arguments(serve).set_defaults(func=serve_cli.run)
     return p
 
 
