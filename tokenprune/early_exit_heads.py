@@ -240,9 +240,10 @@ def train_heads(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
         except StopIteration:
             break
         hidden, teacher = backbone_states(model, pixel_values)
-        loss, parts = distillation_loss(heads, hidden, teacher, labels, alpha=alpha)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with torch.enable_grad():  # callers may be inside no_grad
+            loss, parts = distillation_loss(heads, hidden, teacher, labels, alpha=alpha)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
         if log_every and step % log_every == 0:
             print(json.dumps({"step": step, "t": round(time.time() - start, 1), "loss": round(float(loss), 4),
