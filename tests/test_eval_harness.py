@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import eval_helpers
@@ -49,6 +50,8 @@ def test_run_writes_json_markdown_plots(shapes_run):
     assert rnd["relative"]["speedup_prefill"] == pytest.approx(base["latency"]["prefill_s"] / lat["prefill_s"])
     md = (out / "results.md").read_text()
     assert "| random | 0.5 |" in md and "FLOPs ratio" in md
+    if importlib.util.find_spec("matplotlib") is None:  # plots come with the eval extra
+        return
     for name in ("shapes_acc_vs_flops.png", "shapes_acc_vs_speedup.png"):
         assert (out / "plots" / name).stat().st_size > 1000
     assert (out / "overlays" / "shapes_overlays.png").stat().st_size > 1000
@@ -70,6 +73,7 @@ def test_finished_cells_are_not_recomputed(shapes_run, monkeypatch):
 
 
 def test_local_benchmarks_end_to_end(tiny_dir, tmp_path):
+    pytest.importorskip("datasets")
     paths = eval_helpers.write_benchmarks(tmp_path / "data")
     cfg = EvalConfig(model=str(tiny_dir), tasks=list(paths), methods=["none", "random"], budgets=[0.5],
                      out=tmp_path / "out", limit=3, latency_samples=0, overlays=0, progress=False, report=False,
@@ -84,6 +88,7 @@ def test_local_benchmarks_end_to_end(tiny_dir, tmp_path):
 
 
 def test_local_task_docs_follow_lmms_eval_schema(tmp_path):
+    pytest.importorskip("datasets")
     from evals.tasks import get_task
 
     paths = eval_helpers.write_benchmarks(tmp_path)
