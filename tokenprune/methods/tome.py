@@ -13,9 +13,12 @@ keys. Here block i's merge happens at the input of block i + 1 (the engine's vis
 with block i's keys (``keys(source="previous")``), i.e. after block i's MLP: block i's MLP runs on
 the ``r`` tokens that are about to be merged — ``r * 2 * d * m`` extra MACs per merging block
 (d hidden, m MLP width) — and the merged value is the average of the MLP outputs rather than the
-MLP of the average. Merging inside a block would need hooks inside the layer's residual stream,
-which the model classes do not expose uniformly (CLIP adds the MLP residual in the layer's own
-forward, ViT in a submodule), so it is not offered. Tokens stay in their original order (a merged
+MLP of the average. The official placement is reachable with hooks because the merge is linear:
+merge the MLP norm's input (``M h``), run the MLP on the merged tokens, copy its output back to
+every member (``U z``) and merge the layer output at the next layer's input, ``M(h + U z) = M h + z``
+(``M U = I`` for a size-weighted average). That needs an engine extension (hooks on each layer's MLP
+norm and MLP, and the assignment carried by the reduction), not made here; the eval script reports
+its FLOPs analytically. Tokens stay in their original order (a merged
 token takes its B token's place) instead of ToMe's ``[unmerged A, B]`` order; attention is
 permutation-equivariant, so outputs are the same.
 
