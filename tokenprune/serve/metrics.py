@@ -85,6 +85,8 @@ class Histogram(_Metric):
         super().__init__(name, help, labels)
         self.buckets = tuple(sorted(buckets)) + (math.inf,)
         self._data: dict[tuple[str, ...], list[float]] = {}  # bucket counts..., sum, count
+        if not self.labels:
+            self._data[()] = [0.0] * (len(self.buckets) + 2)
 
     def observe(self, value: float, **labels: str) -> None:
         key = tuple(str(labels[n]) for n in self.labels)

@@ -1,0 +1,441 @@
+"""tokenprune serve: a real server process on a free loopback port, driven by the official ``openai``
+client (plain, streaming, per-request override, usage extension, metrics), raw HTTP for malformed
+input, batched-vs-alone equality of per-request traces, and a bounded load test.
+
+The server runs the bundled LLaVA fixture when its checkpoint is installed, otherwise a tiny LLaVA
+saved with ``save_pretrained``. Skipped without fastapi/uvicorn; the client tests also need openai.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.client
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+
+import tokenprune
+from tokenprune import demo
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from tokenprune.serve.protocol import Limits, parse_chat, render_messages  # noqa: E402
+
+REPO = Path(tokenprune.__file__).resolve().parents[1]
+MAX_PIXELS = 250_000
+QUESTION = "What color is the triangle?"
+
+
+def data_url(img, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def user(url: str | list[str], text: str = QUESTION) -> list[dict]:
+    urls = [url] if isinstance(url, str) else url
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bundled() -> bool:
+    return (demo.checkpoint_path("llava") / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """``"llava"`` (bundled) when installed, else a tiny LLaVA folder."""
+    if bundled():
+        return "llava"
+    path = tmp_path_factory.mktemp("tiny_llava")
+    model, proc = tiny.llava()
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    """A ``python -m tokenprune.serve`` process; yields its base URL and model name."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [
+        sys.executable, "-m", "tokenprune.serve", "--model", model_dir, "--method", "pdrop", "--budget", "0.2",
+        "--port", str(port), "--threads", "1", "--max-pixels", str(MAX_PIXELS), "--batch-window-ms", "50",
+        "--served-model-name", "tiny-llava",
+    ]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if json.loads(r.read())["status"] == "ok":
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not come up:\n{log.read_text()}")
+        time.sleep(0.2)
+    yield {"base": base, "model": "tiny-llava", "port": port, "proc": proc}
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(api_key="unused", base_url=server["base"] + "/v1", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    """The same model in this process, for requests run alone."""
+    from tokenprune.serve.model import load_model
+
+    return load_model(model_dir)
+
+
+def metrics(server) -> dict[str, float]:
+    with urllib.request.urlopen(server["base"] + "/metrics", timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def post(server, body: bytes | dict, path: str = "/v1/chat/completions", method: str = "POST"):
+    """Raw HTTP: (status, parsed JSON body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=60)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request(method, path, body=data if method == "POST" else None, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    return resp.status, json.loads(raw)
+
+
+def alone(local, img, method: str | None, budget: float | None, max_tokens: int, text: str = QUESTION):
+    """Greedy text and kept set of one request run alone in this process."""
+    model, proc = local
+    inputs = proc(images=[img], text=[demo.prompt(text)], return_tensors="pt")
+    handle = tokenprune.patch(model, method, budget=budget) if method else None
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1] :]
+        eos = model.generation_config.eos_token_id
+        ids = new.tolist()
+        if eos in ids:
+            ids = ids[: ids.index(eos)]
+        text_out = proc.tokenizer.decode(ids, skip_special_tokens=True)
+        if handle is None:
+            return text_out, None, 1.0
+        tr = handle.trace
+        return text_out, tr.stages[-1].kept[0].tolist(), tr.realized_budget
+    finally:
+        tokenprune.unpatch(model)
+
+
+# ---- unit: prompt rendering and parsing --------------------------------------------------------
+
+
+def test_render_matches_demo_prompt():
+    url = data_url(tiny.image(20, 30, 1))
+    prompt, images = render_messages(user(url), Limits())
+    assert prompt == demo.prompt(QUESTION)
+    assert len(images) == 1 and images[0].size == (30, 20) and images[0].mode == "RGB"
+
+
+def test_parse_chat_defaults():
+    req = parse_chat({"model": "m", "messages": user(data_url(tiny.image(8, 8, 1)))}, Limits())
+    assert req.max_tokens is None and not req.stream and req.temperature == 0.0 and req.reduction is None
+
+
+# ---- the server through the openai client ---------------------------------------------------------
+
+
+def test_models_and_health(server, client):
+    ids = [m.id for m in client.models.list()]
+    assert ids == [server["model"]]
+    with urllib.request.urlopen(server["base"] + "/health", timeout=10) as r:
+        assert json.loads(r.read())["status"] == "ok"
+
+
+def test_plain_completion_and_usage_extension(server, client, local):
+    img = tiny.image(40, 48, 1)
+    before = metrics(server)
+    resp = client.chat.completions.create(model=server["model"], messages=user(data_url(img)), max_tokens=6)
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    ext = resp.usage.model_extra["tokenprune"]
+    assert ext["method"] == "pdrop" and ext["budget"] == 0.2
+    assert 0 < ext["kept_visual_tokens"] < ext["visual_tokens"]
+    per_layer = ext["visual_tokens_per_layer"]
+    assert ext["realized_budget"] == pytest.approx(sum(per_layer) / (len(per_layer) * ext["visual_tokens"]), abs=1e-6)
+    text, kept, realized = alone(local, img, "pdrop", 0.2, 6)
+    assert choice.message.content == text
+    assert ext["realized_budget"] == pytest.approx(realized, abs=1e-6)
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    after = metrics(server)
+    assert after['tokenprune_requests_total{status="ok"}'] == before.get('tokenprune_requests_total{status="ok"}', 0) + 1
+    key = 'tokenprune_kept_visual_tokens_total{method="pdrop"}'
+    assert after[key] == before.get(key, 0) + ext["kept_visual_tokens"]
+    assert after["tokenprune_prompt_tokens_total"] == before["tokenprune_prompt_tokens_total"] + resp.usage.prompt_tokens
+    assert after["tokenprune_time_to_first_token_seconds_count"] == before["tokenprune_time_to_first_token_seconds_count"] + 1
+    assert after["tokenprune_request_latency_seconds_count"] == before["tokenprune_request_latency_seconds_count"] + 1
+
+
+def test_streaming(server, client):
+    msgs = user(data_url(tiny.image(32, 32, 2)))
+    plain = client.chat.completions.create(model=server["model"], messages=msgs, max_tokens=7)
+    stream = client.chat.completions.create(
+        model=server["model"], messages=msgs, max_tokens=7, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert finals[0].model_extra["tokenprune"]["kept_visual_tokens"] == plain.usage.model_extra["tokenprune"][
+        "kept_visual_tokens"
+    ]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert chunks[-1].usage.model_extra["tokenprune"] == plain.usage.model_extra["tokenprune"]
+
+
+def test_per_request_override(server, client, local):
+    img = tiny.image(48, 40, 3)
+    resp = client.chat.completions.create(
+        model=server["model"],
+        messages=user(data_url(img)),
+        max_tokens=4,
+        extra_body={"tokenprune": {"method": "fastv", "budget": 0.5, "return_kept": True}},
+    )
+    ext = resp.usage.model_extra["tokenprune"]
+    assert ext["method"] == "fastv" and ext["budget"] == 0.5
+    text, kept, realized = alone(local, img, "fastv", 0.5, 4)
+    assert ext["kept"] == [k for k in kept if k >= 0] and ext["kept_visual_tokens"] == len(ext["kept"])
+    assert ext["realized_budget"] == pytest.approx(realized, abs=1e-6)
+    assert resp.choices[0].message.content == text
+    none = client.chat.completions.create(
+        model=server["model"], messages=user(data_url(img)), max_tokens=4, extra_body={"tokenprune": {"method": "none"}}
+    )
+    ext = none.usage.model_extra["tokenprune"]
+    assert ext["method"] == "none" and ext["kept_visual_tokens"] == ext["visual_tokens"] and ext["realized_budget"] == 1
+    assert none.choices[0].message.content == alone(local, img, None, None, 4)[0]
+    budget_only = client.chat.completions.create(
+        model=server["model"], messages=user(data_url(img)), max_tokens=2, extra_body={"tokenprune": {"budget": 0.5}}
+    )
+    ext = budget_only.usage.model_extra["tokenprune"]
+    assert ext["method"] == "pdrop" and ext["budget"] == 0.5
+
+
+def test_concurrent_requests_are_batched_and_traces_not_mixed(server, local):
+    """Different images and two reductions at once: each response's kept set and text equal the
+    request run alone, and at least one batch held more than one request."""
+    openai = pytest.importorskip("openai")
+    specs = [(tiny.image(24 + 8 * i, 64 - 4 * i, 10 + i), ("fastv", 0.5) if i % 2 else ("pdrop", 0.4)) for i in range(8)]
+    before = metrics(server)
+
+    async def go():
+        ac = openai.AsyncOpenAI(api_key="unused", base_url=server["base"] + "/v1", max_retries=0, timeout=120)
+        calls = [
+            ac.chat.completions.create(
+                model=server["model"],
+                messages=user(data_url(img)),
+                max_tokens=3 + i % 3,
+                extra_body={"tokenprune": {"method": m, "budget": b, "return_kept": True}},
+            )
+            for i, (img, (m, b)) in enumerate(specs)
+        ]
+        out = await asyncio.gather(*calls)
+        await ac.close()
+        return out
+
+    responses = asyncio.run(go())
+    kept_sets = set()
+    for i, ((img, (m, b)), resp) in enumerate(zip(specs, responses)):
+        ext = resp.usage.model_extra["tokenprune"]
+        text, kept, realized = alone(local, img, m, b, 3 + i % 3)
+        assert ext["method"] == m and ext["kept"] == [k for k in kept if k >= 0], i
+        assert ext["realized_budget"] == pytest.approx(realized, abs=1e-6), i
+        assert resp.choices[0].message.content == text, i
+        kept_sets.add(tuple(ext["kept"]))
+    assert len(kept_sets) > 2  # rows really differ, so a mix-up would show
+    after = metrics(server)
+    batches = after["tokenprune_batch_size_count"] - before["tokenprune_batch_size_count"]
+    assert after["tokenprune_batch_size_sum"] - before["tokenprune_batch_size_sum"] == len(specs)
+    assert batches < len(specs)
+
+
+# ---- malformed input: each case gets its documented 4xx, the server stays up ---------------------
+
+
+def _bad_cases(model: str) -> list[tuple[str, bytes | dict, int, str | None]]:
+    ok = data_url(tiny.image(32, 32, 1))
+    png = base64.b64decode(ok.split(",", 1)[1])
+    truncated = "data:image/png;base64," + base64.b64encode(png[: len(png) // 2]).decode()
+    big = data_url(tiny.image(600, 600, 2))  # 360,000 pixels > MAX_PIXELS
+    body = lambda **kw: {"model": model, "messages": user(ok), "max_tokens": 4, **kw}  # noqa: E731
+    tp = lambda **kw: body(tokenprune=kw)  # noqa: E731
+    return [
+        ("malformed json", b'{"model": "x", "messages": [', 400, "invalid_json"),
+        ("not an object", b"[1, 2, 3]", 400, "invalid_json"),
+        ("empty body", b"", 400, "invalid_json"),
+        ("no model", {"messages": user(ok)}, 400, None),
+        ("unknown model", body(model="gpt-nope"), 404, "model_not_found"),
+        ("no messages", {"model": model}, 400, None),
+        ("messages not a list", body(messages="hi"), 400, None),
+        ("bad role", body(messages=[{"role": "robot", "content": "hi"}]), 400, None),
+        ("no image", body(messages=[{"role": "user", "content": "hello"}]), 400, "missing_image"),
+        ("image part without url", body(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400,
+         "invalid_image"),
+        ("unknown part type", body(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]), 400, None),
+        ("corrupt base64", body(messages=user("data:image/png;base64,@@not-base64@@")), 400, "invalid_image"),
+        ("not an image", body(messages=user("data:image/png;base64," + base64.b64encode(b"hello" * 50).decode())),
+         400, "invalid_image"),
+        ("truncated png", body(messages=user(truncated)), 400, "invalid_image"),
+        ("over pixel limit", body(messages=user(big)), 400, "image_too_large"),
+        ("too many images", body(messages=user([ok, ok])), 400, "too_many_images"),
+        ("remote url refused", body(messages=user("http://127.0.0.1:9/cat.png")), 400, "remote_images_disabled"),
+        ("local path", body(messages=user("/etc/passwd")), 400, "invalid_image"),
+        ("file url", body(messages=user("file:///etc/passwd")), 400, "invalid_image"),
+        ("unknown method", tp(method="nope"), 400, "UnknownMethodError"),
+        ("budget zero", tp(budget=0), 400, "BudgetError"),
+        ("budget above one", tp(budget=1.5), 400, "BudgetError"),
+        ("budget unreachable", tp(method="fastv", budget=0.01), 400, "BudgetError"),
+        ("budget not a number", tp(budget="half"), 400, None),
+        ("bad method param", tp(method="fastv", budget=0.5, params={"bogus": 1}), 400, "MethodArgumentError"),
+        ("tokenprune not an object", body(tokenprune="pdrop"), 400, None),
+        ("prompt over context", body(messages=user(ok, "tell me " * 400)), 400, "context_length_exceeded"),
+        ("max_tokens over context", body(max_tokens=500), 400, "context_length_exceeded"),
+        ("max_tokens zero", body(max_tokens=0), 400, None),
+        ("max_tokens not int", body(max_tokens="ten"), 400, None),
+        ("n above one", body(n=2), 400, None),
+        ("temperature out of range", body(temperature=5), 400, None),
+        ("stream not bool", body(stream="yes"), 400, None),
+    ]  # fmt: skip
+
+
+def test_malformed_inputs_get_4xx(server):
+    before = metrics(server)
+    cases = _bad_cases(server["model"])
+    for name, body, status, code in cases:
+        got, err = post(server, body)
+        assert got == status, (name, got, err)
+        assert set(err) == {"error"} and err["error"]["message"], name
+        assert err["error"]["type"] in ("invalid_request_error", "not_found_error"), name
+        if code is not None:
+            assert err["error"]["code"] == code, (name, err)
+    assert post(server, {}, path="/v1/nothing", method="GET")[0] == 404
+    status, err = post(server, {}, method="GET")
+    assert status == 405 and "error" in err
+    after = metrics(server)
+    n4xx = sum(after.get(f'tokenprune_request_errors_total{{code="{s}"}}', 0) for s in (400, 404))
+    n4xx_before = sum(before.get(f'tokenprune_request_errors_total{{code="{s}"}}', 0) for s in (400, 404))
+    assert n4xx - n4xx_before == len(cases)
+    assert "tokenprune_request_errors_total{code=\"500\"}" not in after
+    with urllib.request.urlopen(server["base"] + "/health", timeout=10) as r:  # still answering
+        assert json.loads(r.read())["status"] == "ok"
+    status, ok = post(server, {"model": server["model"], "messages": user(data_url(tiny.image(32, 32, 1))),
+                               "max_tokens": 2})  # fmt: skip
+    assert status == 200 and ok["choices"][0]["message"]["role"] == "assistant"
+
+
+# ---- load ----------------------------------------------------------------------------------------
+
+SIZES = [(16, 16), (32, 32), (40, 48), (96, 64), (224, 224), (480, 320)]
+
+
+def run_load(server, n: int, concurrency: int) -> dict:
+    """``n`` requests from ``concurrency`` clients (images of several sizes, streaming and not,
+    default and overridden reductions); returns counts and latencies."""
+    openai = pytest.importorskip("openai")
+    urls = [data_url(tiny.image(h, w, i)) for i, (h, w) in enumerate(SIZES)]
+    overrides = [None, {"method": "none"}, {"method": "fastv", "budget": 0.5}]
+
+    async def go():
+        ac = openai.AsyncOpenAI(api_key="unused", base_url=server["base"] + "/v1", max_retries=0, timeout=300)
+        sem = asyncio.Semaphore(concurrency)
+        errors: list[str] = []
+        latencies: list[float] = []
+
+        async def one(i: int) -> None:
+            async with sem:
+                t = time.perf_counter()
+                kw = {"model": server["model"], "messages": user(urls[i % len(urls)]), "max_tokens": 4 + i % 5}
+                if overrides[i % 3] is not None:
+                    kw["extra_body"] = {"tokenprune": overrides[i % 3]}
+                try:
+                    if i % 4 == 0:
+                        stream = await ac.chat.completions.create(stream=True, **kw)
+                        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+                        assert isinstance(text, str)
+                    else:
+                        resp = await ac.chat.completions.create(**kw)
+                        assert resp.usage.model_extra["tokenprune"]["visual_tokens"] > 0
+                except Exception as exc:  # counted, reported below
+                    errors.append(f"{i}: {type(exc).__name__}: {exc}")
+                latencies.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        wall = time.perf_counter() - t0
+        await ac.close()
+        return {"errors": errors, "latencies": sorted(latencies), "wall": wall}
+
+    return asyncio.run(go())
+
+
+def test_small_load(server):
+    out = run_load(server, 48, 16)
+    assert out["errors"] == []
+    with urllib.request.urlopen(server["base"] + "/health", timeout=10) as r:
+        assert json.loads(r.read())["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_load_200_at_16(server):
+    before = metrics(server)
+    out = run_load(server, 200, 16)
+    lat = out["latencies"]
+    print(f"\nload: 200 requests at concurrency 16 in {out['wall']:.1f} s, p50 {lat[100]:.3f} s, p95 {lat[189]:.3f} s")
+    assert out["errors"] == [], out["errors"][:5]
+    after = metrics(server)
+    ok = 'tokenprune_requests_total{status="ok"}'
+    assert after[ok] - before.get(ok, 0) == 200
+    with urllib.request.urlopen(server["base"] + "/health", timeout=10) as r:
+        assert json.loads(r.read())["status"] == "ok"
