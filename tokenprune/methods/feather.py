@@ -35,7 +35,7 @@ paper's union when attention is independent of the grid; g is the grid's share o
 grid, 1/9 for 24x24), and stage 2 keeps ``round(r² M)``; r is solved so that the mean equals b.
 This is the paper's union (the grid plus the best of the rest) with its count fixed, so the realised
 budget does not depend on how much the two overlap. The paper's layers stay while stage 1 keeps at
-least a quarter of the tokens (b >= 0.314 on 32 layers and 576 tokens; b = 0.35 gives r = 0.27);
+least a quarter of the tokens (b >= 0.316 on 32 layers and 576 tokens; b = 0.35 gives r = 0.27);
 below that no ratio at layers 8/16 is sensible (they cannot go under 0.278 at all), so both stages
 move earlier together, K2 = 2 K1, to the latest pair that reaches b with that quarter (b = 0.2:
 layers 5 and 10, r = 0.16; b = 0.1: layers 2 and 4, r = 0.24). PyramidDrop uses the same quarter.
@@ -153,7 +153,7 @@ class Feather(Method):
                 chosen = grid.clone()
                 for b, row in enumerate(top):
                     chosen[b, row[row >= 0]] = True
-                return pad_rows([(c & ctx.valid[b]).nonzero().flatten() for b, c in enumerate(chosen)])
+                return pad_rows([(c & ctx.valid[b]).nonzero().flatten() for b, c in enumerate(chosen)], ctx.orig.device)
             # the grid first, then the best of the rest, up to round(s1 N)
             return topk_per_row(scores + 2.0 * grid, ctx.keep_counts(r + (1.0 - r) * g))
 
