@@ -108,10 +108,44 @@ def test_tome_matches_naive_reference_on_vit():
     assert handle.trace.visual_tokens_per_layer == [64, 54, 46, 38, 32, 28]
 
 
+def test_tome_mid_layer_placement_matches_naive_reference():
+    """ToMe's own placement: merge between attention and MLP, the MLP runs on the merged tokens."""
+    model = tiny.vit()
+    model.set_attn_implementation("eager")
+    px = torch.randn(2, 3, 32, 32)
+    schedule = [12, 10, 8, 6, 0]
+    with torch.no_grad():
+        vit = model.vit
+        h = vit.embeddings(px)
+        out = []
+        for b in range(2):
+            x, size, orig, bias = h[b:b + 1], [1.0] * 65, list(range(64)), None
+            for i, block in enumerate(vit.layers):
+                normed = block.layernorm_before(x)
+                x = x + block.attention(normed, bias)[0]
+                r = schedule[i] if i < len(schedule) else 0
+                if r:
+                    metric = _head_mean_keys(block.attention, normed[0])
+                    y, size, orig = _naive_tome(x[0], size, orig, metric, r, True)
+                    x, bias = y[None], torch.tensor(size).log()[None, None, None, :]
+                x = x + block.mlp(block.layernorm_after(x))
+            out.append(model.classifier(vit.layernorm(x)[:, 0]))
+        ref = torch.cat(out)
+        with tokenprune.patch(model, "tome", r=schedule, placement="mid") as handle:
+            logits = model(pixel_values=px).logits
+        between = tokenprune.patch(model, "tome", r=schedule)
+        other = model(pixel_values=px).logits
+        between.remove()
+    assert torch.allclose(logits, ref, atol=1e-5)
+    assert not torch.allclose(other, ref, atol=1e-4)  # merging after the MLP is a different placement
+    assert handle.trace.visual_tokens_per_layer == [64, 52, 42, 34, 28, 28]
+
+
 @pytest.mark.parametrize("budget", [0.4, 0.5, 0.75])
 def test_tome_budget_is_realised_on_encoders(budget):
-    for model in (tiny.vit(), tiny.clip_vision(), tiny.siglip_vision()):
-        with tokenprune.patch(model, "tome", budget=budget) as handle, torch.no_grad():
+    for model, placement in [(tiny.vit(), "input"), (tiny.clip_vision(), "mid"), (tiny.siglip_vision(), "input"),
+                             (tiny.siglip_vision(), "mid")]:
+        with tokenprune.patch(model, "tome", budget=budget, placement=placement) as handle, torch.no_grad():
             model(pixel_values=torch.randn(2, 3, 32, 32))
         realised = handle.trace.realized_budget
         assert abs(realised - budget) <= max(0.02 * budget, 1 / (64 * 6)), (type(model).__name__, realised)

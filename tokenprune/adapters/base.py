@@ -57,6 +57,8 @@ class VisionParts:
     input_norm: Callable[[nn.Module], nn.Module]
     has_cls: bool
     grid: tuple[int, int]
+    mlp_norm: Callable[[nn.Module], nn.Module] | None = None  # the norm before the MLP (pre-norm layers)
+    mlp: Callable[[nn.Module], nn.Module] | None = None  # the MLP, whose output the layer adds to its residual
 
     @property
     def num_layers(self) -> int:

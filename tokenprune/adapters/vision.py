@@ -25,6 +25,15 @@ def _input_norm_of(layer: nn.Module) -> nn.Module:
     raise AttributeError(f"{type(layer).__name__} has no pre-attention norm")
 
 
+def _mlp_norm_of(layer: nn.Module) -> nn.Module:
+    """The norm applied before the MLP (CLIP/SigLIP ``layer_norm2``, ViT ``layernorm_after``)."""
+    for name in ("layer_norm2", "layernorm_after"):
+        norm = getattr(layer, name, None)
+        if norm is not None:
+            return norm
+    raise AttributeError(f"{type(layer).__name__} has no pre-MLP norm")
+
+
 def _find_layers(encoder: nn.Module) -> nn.ModuleList:
     """Duck-typed search for the encoder's layer list (a ModuleList whose items have attention)."""
     for module in encoder.modules():
@@ -46,6 +55,8 @@ def vision_parts(encoder: nn.Module, config, has_cls: bool) -> VisionParts:
         input_norm=_input_norm_of,
         has_cls=has_cls,
         grid=(side, side),
+        mlp_norm=_mlp_norm_of,
+        mlp=lambda layer: layer.mlp,
     )
 
 

@@ -27,7 +27,12 @@ class Stage:
     ``ctx.score("cls_attention", layer=...)`` / ``ctx.score("keys", layer=...)``, and whose outputs
     through ``ctx.get("hidden", layer=...)``.
     At the vision site ``select`` may return a :class:`Reduction` instead of positions, to merge
-    or rebuild tokens rather than drop them.
+    or rebuild tokens rather than drop them. ``placement`` (vision site): ``"input"`` acts on the
+    input of layer ``layer``; ``"mid"`` acts inside layer ``layer - 1``, between its attention and
+    its MLP (ToMe's placement), so that MLP already runs on the reduced tokens: ``select`` sees the
+    residual stream after that layer's attention and must return a :class:`Reduction` with
+    ``assign`` (a linear merge: the MLP output is copied back to every member token and the layer's
+    output merged again at the input of layer ``layer``, which equals merging before the MLP).
     """
 
     name: str
@@ -36,6 +41,7 @@ class Stage:
     select: Callable[[Context], torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Reduction]
     positions: str = "keep"
     capture: tuple[int, ...] = ()
+    placement: str = "input"
 
 
 @dataclass
@@ -46,11 +52,14 @@ class Reduction:
     indices they stand for (a merged token: its destination's index), ascending; ``size`` (T, K),
     if given, is how many original patches each token averages and turns on proportional
     attention (log size added to the attention logits of every later layer, as ToMe does).
+    ``assign`` (T, N), for merges, is the output slot of every candidate, the tokens being the
+    size-weighted averages of their slots (required by ``placement="mid"`` stages).
     """
 
     tokens: torch.Tensor
     orig: torch.Tensor
     size: torch.Tensor | None = None
+    assign: torch.Tensor | None = None
 
 
 META = ("image", "partition", "tile", "row", "col", "y", "x")

@@ -12,6 +12,7 @@ from ..adapters.base import grid_layout
 from ..errors import SiteError
 from .hooks import HookSet
 from .masks import gather_cols
+from .merge import weighted_average
 from .scoring import cls_attention, mean_keys
 from .stage import Context, Reduction, Stage
 from .state import ForwardState, row_meta, take_meta
@@ -47,6 +48,12 @@ def install_vision(anatomy, stages: list[Stage], state: ForwardState, hooks: Hoo
     n_patch = rows * cols
     meta = row_meta([[grid_layout(rows, cols)]])
     stash: dict[int, torch.Tensor] = {}
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # mid-layer merges: (assign, old size)
+    mid = [st for st in stages if st.placement == "mid"]
+    if any(st.placement not in ("input", "mid") for st in stages):
+        raise SiteError(f"placement: expected 'input' or 'mid'; got {[st.placement for st in stages]}")
+    if mid and (vp.mlp_norm is None or vp.mlp is None):
+        raise SiteError(f"placement: 'mid' needs the encoder layers' MLP and its norm; {anatomy.name} has none")
 
     def reset(hs: torch.Tensor) -> None:
         t = hs.shape[0]
@@ -82,6 +89,10 @@ def install_vision(anatomy, stages: list[Stage], state: ForwardState, hooks: Hoo
         patches = hs[:, off:]
         ctx = Context("vision", i, orig, geometry, patches, {"cls_attention": cls_score, "keys": keys}, size)
         red = _as_reduction(stage.select(ctx), patches, orig, size, stage)
+        if stage.placement == "mid":
+            if red.assign is None:
+                raise SiteError(f"method stage {stage.name!r}: placement 'mid' needs a Reduction with assign")
+            pending[i] = (red.assign, size)
         state.vision_orig, state.vision_size = red.orig, red.size
         new = torch.cat([hs[:, :off], red.tokens.to(hs.dtype)], 1)
         if red.size is not None and bool((red.size != 1).any()):  # proportional attention: + log(size)
@@ -101,7 +112,12 @@ def install_vision(anatomy, stages: list[Stage], state: ForwardState, hooks: Hoo
             if i == 0:
                 reset(kw["hidden_states"])
             stage = by_layer.get(i)
-            if stage is not None:
+            if stage is not None and stage.placement == "mid":  # finish the merge made inside layer i - 1
+                hs = kw["hidden_states"]
+                assign, size = pending.pop(i)
+                tokens = weighted_average(hs[:, off:], size, assign, state.vision_orig.shape[1])[0]
+                kw["hidden_states"] = torch.cat([hs[:, :off], tokens], 1)
+            elif stage is not None:
                 kw["hidden_states"] = run_stage(stage, mod, kw["hidden_states"], kw.get("attention_mask"))
             if state.vision_mask is not None:
                 kw["attention_mask"] = state.vision_mask
@@ -115,8 +131,25 @@ def install_vision(anatomy, stages: list[Stage], state: ForwardState, hooks: Hoo
 
         return hook
 
+    def merge_mlp_input(i: int):  # pre-hook on the MLP norm of layer i - 1: merge the residual stream
+        def hook(mod, kw):
+            name = next(iter(kw))
+            kw[name] = run_stage(by_layer[i], vp.layers[i], kw[name], None)
+            return kw
+
+        return hook
+
+    def copy_mlp_output(i: int):  # post-hook on the MLP of layer i - 1: every member token gets its slot's output
+        def hook(mod, kw, out):
+            return torch.cat([out[:, :off], gather_cols(out[:, off:], pending[i][0])], 1)
+
+        return hook
+
     for i, layer in enumerate(vp.layers):
         if i == 0 or i >= first:
             hooks.pre(layer, make_hook(i))
         if i + 1 in by_layer:
             hooks.post(vp.attention(layer), keep_input(i))
+            if by_layer[i + 1].placement == "mid":
+                hooks.pre(vp.mlp_norm(layer), merge_mlp_input(i + 1))
+                hooks.post(vp.mlp(layer), copy_mlp_output(i + 1))

@@ -13,12 +13,12 @@ keys. Here block i's merge happens at the input of block i + 1 (the engine's vis
 with block i's keys (``keys(source="previous")``), i.e. after block i's MLP: block i's MLP runs on
 the ``r`` tokens that are about to be merged — ``r * 2 * d * m`` extra MACs per merging block
 (d hidden, m MLP width) — and the merged value is the average of the MLP outputs rather than the
-MLP of the average. The official placement is reachable with hooks because the merge is linear:
-merge the MLP norm's input (``M h``), run the MLP on the merged tokens, copy its output back to
-every member (``U z``) and merge the layer output at the next layer's input, ``M(h + U z) = M h + z``
-(``M U = I`` for a size-weighted average). That needs an engine extension (hooks on each layer's MLP
-norm and MLP, and the assignment carried by the reduction), not made here; the eval script reports
-its FLOPs analytically. Tokens stay in their original order (a merged
+MLP of the average. ``placement="mid"`` gives ToMe's own placement through an engine extension
+(hooks on the layer's MLP norm and MLP): the merge is linear, so the MLP norm's input is merged
+(``M h``), the MLP runs on the merged tokens, its output is copied back to every member (``U z``)
+and the layer's output is merged at the next layer's input: ``M(h + U z) = M h + z`` (``M U = I``
+for a size-weighted average) — exactly ToMe's block output, with the MLP on the merged tokens.
+Tokens stay in their original order (a merged
 token takes its B token's place) instead of ToMe's ``[unmerged A, B]`` order; attention is
 permutation-equivariant, so outputs are the same.
 
@@ -45,7 +45,7 @@ from ..core.merge import bipartite_soft_matching, weighted_average
 from ..core.stage import Context, Reduction, Stage
 from ..errors import BudgetError, MethodArgumentError
 from ._tower import feature_layers
-from .base import Method, register
+from .base import Method, option, register
 
 
 def merge_cap(tokens: int, rounds: int) -> int:
@@ -104,9 +104,11 @@ class ToMe(Method):
     sites = ("vision",)
     r: int | list[int] | None = None
     rounds: int = 1
+    placement: str = "input"
 
     def stages(self, anatomy: Anatomy, budget: float | None) -> list[Stage]:
         vp = anatomy.vision
+        option("placement", self.placement, ("input", "mid"))
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise MethodArgumentError(f"rounds: must be an int >= 1; got {self.rounds!r}")
         last = min(feature_layers(anatomy)) if anatomy.is_vlm else vp.num_layers - 1
@@ -116,7 +118,7 @@ class ToMe(Method):
         schedule = self.schedule(anatomy, budget, n, last)
         offset = int(vp.has_cls)  # ToMe splits the whole sequence; the class token (protected) is position 0
         stages = [
-            Stage(f"{self.name}{layer}", "vision", layer, self.merger(r, offset))
+            Stage(f"{self.name}{layer}", "vision", layer, self.merger(r, offset), placement=self.placement)
             for layer, r in zip(range(1, last + 1), schedule)
             if r > 0
         ]
@@ -164,6 +166,7 @@ class ToMe(Method):
                 return torch.arange(n, device=ctx.features.device).expand(ctx.orig.shape[0], n)
             x, size, orig = ctx.features, ctx.size, ctx.orig
             metric = ctx.get("keys", source="previous")
+            assign = torch.arange(n, device=x.device).expand(x.shape[0], n)
             left = min(r, merge_cap(n, rounds))
             while left > 0:
                 m = bipartite_soft_matching(metric, min(left, x.shape[1] // 2), offset)
@@ -173,7 +176,8 @@ class ToMe(Method):
                 metric = weighted_average(metric, size, m.assign, k)[0]
                 x, size = weighted_average(x, size, m.assign, k)
                 orig = torch.gather(orig, 1, m.keep.to(orig.device))
+                assign = torch.gather(m.assign, 1, assign)
                 left -= m.src.shape[1]
-            return Reduction(x, orig, size)
+            return Reduction(x, orig, size, assign)
 
         return select
