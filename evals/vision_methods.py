@@ -17,8 +17,9 @@ MACs (multiply-accumulates; FLOPs = 2 x MACs) follow ``tokenprune/flops.py``: pe
 separately: ToMe's matching ``|A| |B| d_head`` per merge; clustering ``(2 iters + 2) P K d`` (distances and
 centre updates per k-means round, reconstruction distances and weighted sum); ``measured`` is torch's
 ``FlopCounterMode`` on one image of the patched run (everything the hooks execute, including scores recomputed
-from the captured layer inputs), halved to MACs. ``tome_mid`` is the analytic cost had each merge been placed
-between attention and MLP (ToMe's placement): the MLP of the merging layer skips the merged tokens.
+from the captured layer inputs), halved to MACs. ToMe runs in both placements: ``input`` (the engine's default:
+merge at the next layer's input, after the MLP) and ``mid`` (ToMe's: between attention and MLP, so the merging
+layer's MLP skips the merged tokens: ``r * 2 d m`` MACs less per merge).
 
 ``python evals/vision_methods.py --n 200 --out results/vision_methods`` (writes ``.json`` and ``.md``).
 Missing fixture checkpoints are reported and skipped; ``--untrained`` runs the fixture architectures with random
@@ -116,11 +117,12 @@ def eval_vit_tome(model: Any, proc: Any, examples: list[dict], bs: int) -> list[
     n_patch = (cfg.image_size // cfg.patch_size) ** 2
     labels = [str(len(ex["objects"])) for ex in examples]
     rows = []
-    for budget in (1.0, *VIT_BUDGETS):
+    for budget, placement in [(1.0, "input")] + [(b, p) for b in VIT_BUDGETS for p in ("input", "mid")]:
         try:
-            handle, rounds = (None, 1) if budget == 1.0 else patch_any_rounds(model, "tome", budget)
+            handle, rounds = ((None, 1) if budget == 1.0
+                              else patch_any_rounds(model, "tome", budget, placement=placement))
         except BudgetError as err:
-            rows.append({"budget": budget, "error": str(err)})
+            rows.append({"budget": budget, "placement": placement, "error": str(err)})
             print("  vit tome", rows[-1], flush=True)
             continue
         correct, realised = [], []
@@ -135,12 +137,12 @@ def eval_vit_tome(model: Any, proc: Any, examples: list[dict], bs: int) -> list[
         overhead = sum((n + 1) // 2 * (n // 2) * (cfg.hidden_size // cfg.num_attention_heads)
                        for n, r in zip(per_layer[:-1], merged) if r > 0)
         mid_saving = sum(r * 2 * cfg.hidden_size * cfg.intermediate_size for r in merged)
-        macs = encoder_macs(cfg, per_layer, cls=True)
+        macs = encoder_macs(cfg, per_layer, cls=True) - (mid_saving if placement == "mid" else 0)
         rows.append({
-            "budget": budget, "rounds": rounds, "realised": round(float(np.mean(realised)) if realised else 1.0, 4),
+            "budget": budget, "placement": placement, "rounds": rounds,
+            "realised": round(float(np.mean(realised)) if realised else 1.0, 4),
             "accuracy": round(100 * float(np.mean(correct)), 1), "tokens_per_layer": per_layer,
             "encoder_MMACs": round(macs / 1e6, 2), "overhead_MMACs": round(overhead / 1e6, 3),
-            "tome_mid_MMACs": round((macs - mid_saving) / 1e6, 2),
             "measured_MMACs": round(measured_macs(model, pixel_values=vit_pixels(proc, examples[:1])) / 1e6, 2),
         })
         if handle is not None:
@@ -233,14 +235,14 @@ def markdown(out: dict) -> str:
         lines.append(f"- skipped {key}: {err}")
     if out.get("vit_tome"):
         lines += ["", "## ToMe on the ViT classifier (count accuracy, encoder MMACs per image)", "",
-                  "| budget | rounds | realised | accuracy % | encoder MMACs | +matching | if merged mid-layer | "
-                  "measured |", "|---|---|---|---|---|---|---|---|"]
+                  "| budget | placement | rounds | realised | accuracy % | encoder MMACs | +matching | measured |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in out["vit_tome"]:
             if "error" in r:
-                lines.append(f"| {r['budget']} | unreachable: {r['error']} |||||||")
+                lines.append(f"| {r['budget']} | {r['placement']} | unreachable: {r['error']} ||||||")
                 continue
-            lines.append(f"| {r['budget']} | {r['rounds']} | {r['realised']} | {r['accuracy']} | {r['encoder_MMACs']} "
-                         f"| {r['overhead_MMACs']} | {r['tome_mid_MMACs']} | {r['measured_MMACs']} |")
+            lines.append(f"| {r['budget']} | {r['placement']} | {r['rounds']} | {r['realised']} | {r['accuracy']} | "
+                         f"{r['encoder_MMACs']} | {r['overhead_MMACs']} | {r['measured_MMACs']} |")
     if out.get("cluster"):
         lines += ["", "## Clustering + reconstruction (final patch features vs unpruned)", "",
                   "| encoder | alpha..beta | clusters | realised | cos mean | cos p5 | MMACs (unpruned) | +cluster | "
