@@ -194,12 +194,21 @@ def _quiet_cast_warning() -> None:
         logger.addFilter(_RepeatFilter())
 
 
-def _convert(bnb, linear: nn.Linear, threshold: float) -> nn.Module:
+def _check_weight(linear: nn.Linear, name: str) -> None:
+    """Refuse before converting anything: offloaded weights, or weights fp16 cannot hold."""
     w = linear.weight.detach()
     if w.device.type == "meta":
-        raise QuantizationError("int8: a linear's weight is on the meta device (offloaded?); load it first")
+        raise QuantizationError(f"int8: {name}.weight is on the meta device (offloaded?); load it first")
+    lo, hi = torch.aminmax(w)
+    if not (torch.isfinite(lo) and torch.isfinite(hi) and max(-float(lo), float(hi)) <= 65504.0):
+        raise QuantizationError(
+            f"int8: {name}.weight does not fit in float16 (bitsandbytes quantises from fp16); add it to skip="
+        )
+
+
+def _convert(bnb, linear: nn.Linear, threshold: float) -> nn.Module:
     # What Int8Params._quantize does on .to(device), but on the weight's own device (CUDA included).
-    cb, scb, _ = bnb.functional.int8_vectorwise_quant(w.to(torch.float16).contiguous())
+    cb, scb, _ = bnb.functional.int8_vectorwise_quant(linear.weight.detach().to(torch.float16).contiguous())
     new = bnb.nn.Linear8bitLt(
         linear.in_features,
         linear.out_features,
@@ -216,6 +225,11 @@ def _convert(bnb, linear: nn.Linear, threshold: float) -> nn.Module:
         if attr in linear.__dict__:
             object.__setattr__(new, attr, linear.__dict__[attr])
     return new
+
+
+def _held(places: list[tuple[nn.Module, str]]) -> nn.Module:
+    parent, name = places[0]
+    return parent._modules[name]
 
 
 def quantize_int8(
@@ -245,9 +259,9 @@ def quantize_int8(
     in_scope = {id(m) for root in roots for m in root.modules()}
     names: dict[int, str] = {}
     parents: dict[int, list[tuple[nn.Module, str]]] = {}
-    for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for child_name, child in parent.named_children():
-            if id(child) in in_scope and isinstance(child, nn.Linear):
+    for parent_name, parent in model.named_modules():
+        for child_name, child in parent._modules.items():  # every name a linear is held under
+            if child is not None and id(child) in in_scope and isinstance(child, nn.Linear):
                 names.setdefault(id(child), f"{parent_name}.{child_name}" if parent_name else child_name)
                 parents.setdefault(id(child), []).append((parent, child_name))
     if not parents:
@@ -257,16 +271,18 @@ def quantize_int8(
     for key, name in names.items():
         if _matches(name, skip):
             summary.skipped.append(name)
-        elif _is_quantized_linear(parents[key][0][0]._modules[parents[key][0][1]]):
+        elif _is_quantized_linear(_held(parents[key])):
             summary.already.append(name)
         else:
             todo.append(key)
     if todo:
-        devices = {parents[k][0][0]._modules[parents[k][0][1]].weight.device.type for k in todo}
+        devices = {_held(parents[k]).weight.device.type for k in todo}
         bnb = require_bitsandbytes(cpu="cpu" in devices)
+        for key in todo:  # all checks first: a refused model is left untouched
+            _check_weight(_held(parents[key]), names[key])
         for key in todo:
             places = parents.pop(key)
-            new = _convert(bnb, places[0][0]._modules[places[0][1]], threshold)
+            new = _convert(bnb, _held(places), threshold)
             for parent, child_name in places:  # a linear shared by two parents is replaced in both
                 setattr(parent, child_name, new)
             summary.converted.append(names[key])
