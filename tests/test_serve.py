@@ -35,6 +35,7 @@ from tokenprune.serve.protocol import Limits, parse_chat, render_messages  # noq
 
 REPO = Path(tokenprune.__file__).resolve().parents[1]
 MAX_PIXELS = 250_000
+MAX_BODY = 2_000_000
 QUESTION = "What color is the triangle?"
 
 
@@ -81,7 +82,7 @@ def server(model_dir, tmp_path_factory):
     cmd = [
         sys.executable, "-m", "tokenprune.serve", "--model", model_dir, "--method", "pdrop", "--budget", "0.2",
         "--port", str(port), "--threads", "1", "--max-pixels", str(MAX_PIXELS), "--batch-window-ms", "50",
-        "--served-model-name", "tiny-llava",
+        "--served-model-name", "tiny-llava", "--max-body-bytes", str(MAX_BODY),
     ]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -258,6 +259,10 @@ def test_per_request_override(server, client, local):
     ext = none.usage.model_extra["tokenprune"]
     assert ext["method"] == "none" and ext["kept_visual_tokens"] == ext["visual_tokens"] and ext["realized_budget"] == 1
     assert none.choices[0].message.content == alone(local, img, None, None, 4)[0]
+    fixed = client.chat.completions.create(
+        model=server["model"], messages=user(data_url(img)), max_tokens=5, extra_body={"ignore_eos": True}
+    )
+    assert fixed.usage.completion_tokens == 5 and fixed.choices[0].finish_reason == "length"
     budget_only = client.chat.completions.create(
         model=server["model"], messages=user(data_url(img)), max_tokens=2, extra_body={"tokenprune": {"budget": 0.5}}
     )
@@ -318,6 +323,7 @@ def _bad_cases(model: str) -> list[tuple[str, bytes | dict, int, str | None]]:
         ("malformed json", b'{"model": "x", "messages": [', 400, "invalid_json"),
         ("not an object", b"[1, 2, 3]", 400, "invalid_json"),
         ("empty body", b"", 400, "invalid_json"),
+        ("body too large", b'{"model": "' + b"x" * (MAX_BODY + 10) + b'"}', 413, "request_too_large"),
         ("no model", {"messages": user(ok)}, 400, None),
         ("unknown model", body(model="gpt-nope"), 404, "model_not_found"),
         ("no messages", {"model": model}, 400, None),
@@ -332,6 +338,7 @@ def _bad_cases(model: str) -> list[tuple[str, bytes | dict, int, str | None]]:
          400, "invalid_image"),
         ("truncated png", body(messages=user(truncated)), 400, "invalid_image"),
         ("over pixel limit", body(messages=user(big)), 400, "image_too_large"),
+        ("extreme aspect ratio", body(messages=user(data_url(tiny.image(2, 400, 3)))), 400, "image_aspect_ratio"),
         ("too many images", body(messages=user([ok, ok])), 400, "too_many_images"),
         ("remote url refused", body(messages=user("http://127.0.0.1:9/cat.png")), 400, "remote_images_disabled"),
         ("local path", body(messages=user("/etc/passwd")), 400, "invalid_image"),
@@ -367,8 +374,8 @@ def test_malformed_inputs_get_4xx(server):
     status, err = post(server, {}, method="GET")
     assert status == 405 and "error" in err
     after = metrics(server)
-    n4xx = sum(after.get(f'tokenprune_request_errors_total{{code="{s}"}}', 0) for s in (400, 404))
-    n4xx_before = sum(before.get(f'tokenprune_request_errors_total{{code="{s}"}}', 0) for s in (400, 404))
+    n4xx = sum(after.get(f'tokenprune_request_errors_total{{code="{s}"}}', 0) for s in (400, 404, 413))
+    n4xx_before = sum(before.get(f'tokenprune_request_errors_total{{code="{s}"}}', 0) for s in (400, 404, 413))
     assert n4xx - n4xx_before == len(cases)
     assert "tokenprune_request_errors_total{code=\"500\"}" not in after
     with urllib.request.urlopen(server["base"] + "/health", timeout=10) as r:  # still answering

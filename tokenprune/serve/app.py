@@ -113,13 +113,10 @@ def create_app(
     async def chat(request: Request) -> Response:
         t0 = time.perf_counter()
         try:
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > max_body_bytes:
-                raise APIError(f"request body over {max_body_bytes} bytes", status=413, code="request_too_large")
-            body = parse_json(await request.body())
+            body = parse_json(await _read_body(request, max_body_bytes))
             req, enc, reduction = await run_in_threadpool(_prepare, runner, body)
             sink = AsyncSink(asyncio.get_running_loop())
-            scheduler.submit(Job((reduction, (req.temperature, req.top_p)), enc, sink))
+            scheduler.submit(Job((reduction, req.sampling), enc, sink))
         except APIError as exc:
             _count_error(metrics, exc.status)
             raise
@@ -158,6 +155,22 @@ def create_app(
         )
 
     return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, or a 413 once it is over ``limit`` bytes (declared or streamed)."""
+    too_large = APIError(f"request body over {limit} bytes", status=413, code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _prepare(runner: ModelRunner, body: dict[str, Any]) -> tuple[ChatRequest, Encoded, Any]:

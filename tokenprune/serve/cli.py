@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
     parser.add_argument("--max-pixels", type=int, default=d.max_pixels, help="pixels per image (w*h)")
     parser.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
+    parser.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="largest request body (413 above)")
     parser.add_argument("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens accepted")
     parser.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
     parser.add_argument(
@@ -67,7 +68,13 @@ def build_app(args: argparse.Namespace):
         allow_remote_images=args.allow_remote_images,
     )
     runner = ModelRunner(model, processor, Reduction(method, args.budget), limits, name)
-    return create_app(runner, max_batch=args.max_batch, window=args.batch_window_ms / 1000.0, max_queue=args.max_queue)
+    return create_app(
+        runner,
+        max_batch=args.max_batch,
+        window=args.batch_window_ms / 1000.0,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ and :meth:`ModelRunner.validate` run on request threads and never touch the mode
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -96,6 +97,10 @@ class ModelRunner:
         self.model = model
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        # fast tokenizers are not safe to share between threads (encoding mutates padding state: "Already
+        # borrowed"): processor calls hold _proc_lock, the worker decodes with its own copy
+        self._proc_lock = threading.Lock()
+        self.decoder = copy.deepcopy(self.tokenizer)
         self.limits = limits
         self.name = name
         self.anatomy = anatomy_of(model)
@@ -158,7 +163,8 @@ class ModelRunner:
     def encode(self, req: ChatRequest) -> Encoded:
         """Processor outputs for one request, with the context-length check (CPU work)."""
         try:
-            inputs = self.processor(images=req.images, text=[req.prompt], return_tensors="pt")
+            with self._proc_lock:
+                inputs = self.processor(images=req.images, text=[req.prompt], return_tensors="pt")
         except Exception as exc:  # the processor rejects odd images/prompts with many exception types
             raise bad_request(f"messages: the processor could not encode the request: {exc}") from None
         inputs = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
@@ -188,13 +194,19 @@ class ModelRunner:
 
     # ---- worker side (one thread) --------------------------------------------------------------
     def _apply(self, red: Reduction) -> None:
+        """Patch the model for ``red`` (patching replaces the previous patch; none: unpatch)."""
         if red == self._current:
             return
         if red.method is None:
             api.unpatch(self.model)
             self._handle = None
         else:
-            self._handle = api.patch(self.model, red.method, red.budget, **_thaw(red.params))
+            try:
+                self._handle = api.patch(self.model, red.method, red.budget, **_thaw(red.params))
+            except (TokenPruneError, ValueError, TypeError) as exc:  # a reduction validate() let through
+                api.unpatch(self.model)
+                self._handle, self._current = None, Reduction(None, None)
+                raise bad_request(str(exc), param="tokenprune", code=type(exc).__name__) from None
         self._current = red
 
     def collate(self, encs: Sequence[Encoded]) -> dict[str, torch.Tensor]:
@@ -207,10 +219,11 @@ class ModelRunner:
         )
         if not same:
             reqs = [e.request for e in encs]
-            inputs = self.processor(
-                images=[im for r in reqs for im in r.images], text=[r.prompt for r in reqs],
-                return_tensors="pt", padding=True,
-            )  # fmt: skip
+            with self._proc_lock:
+                inputs = self.processor(
+                    images=[im for r in reqs for im in r.images], text=[r.prompt for r in reqs],
+                    return_tensors="pt", padding=True,
+                )  # fmt: skip
             return {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
         width = max(e.prompt_tokens for e in encs)
         out: dict[str, torch.Tensor] = {}
@@ -224,7 +237,7 @@ class ModelRunner:
         return out
 
     def generate(
-        self, red: Reduction, sampling: tuple[float, float], encs: Sequence[Encoded], sinks: Sequence[RowSink]
+        self, red: Reduction, sampling: tuple[float, float, bool], encs: Sequence[Encoded], sinks: Sequence[RowSink]
     ):
         """Run one batch to the end, streaming each row into its sink; raises only for engine
         failures (the scheduler answers them)."""
@@ -232,10 +245,12 @@ class ModelRunner:
         inputs = self.collate(encs)
         rows = [_Row(s, e) for s, e in zip(sinks, encs)]
         streamer = _Streamer(self, rows)
-        temperature, top_p = sampling
+        temperature, top_p, ignore_eos = sampling
         kwargs: dict[str, Any] = {"do_sample": False}
         if temperature > 0:
             kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if ignore_eos:  # no EOS before the longest row's max_tokens; shorter rows stop in _RowsDone
+            kwargs["min_new_tokens"] = max(e.max_tokens for e in encs)
         with torch.inference_mode():
             self.model.generate(
                 **inputs,
@@ -318,7 +333,7 @@ class _Streamer(BaseStreamer):
             self._emit(row)
 
     def _emit(self, row: _Row) -> None:
-        text = self.runner.tokenizer.decode(row.ids, skip_special_tokens=True)
+        text = self.runner.decoder.decode(row.ids, skip_special_tokens=True)
         for s in row.enc.stop:
             at = text.find(s)
             if at >= 0:
@@ -344,7 +359,7 @@ class _Streamer(BaseStreamer):
         if row.finished:
             return
         if not flushed:
-            text = self.runner.tokenizer.decode(row.ids, skip_special_tokens=True)
+            text = self.runner.decoder.decode(row.ids, skip_special_tokens=True)
             self._send(row, text.rstrip("\ufffd"))
         row.done = row.finished = True
         if row.usage_ext is None:

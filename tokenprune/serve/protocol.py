@@ -9,7 +9,7 @@ and raised as an :class:`~tokenprune.serve.errors.APIError` with a 4xx status:
 * images: only ``data:image/...;base64,`` URLs by default; remote ``http(s)`` URLs only when the
   server allows them (``--allow-remote-images``); local paths and ``file:`` URLs never; corrupt
   base64 or bytes that are no image; images over the pixel limit (checked from the header before
-  decoding the pixels);
+  decoding the pixels), or with an aspect ratio over ``max_aspect_ratio``;
 * ``tokenprune`` (top level of the body, i.e. the OpenAI client's ``extra_body``): ``method``,
   ``budget`` and ``params`` validated like :func:`tokenprune.patch` (see :mod:`.model`).
 """
@@ -38,7 +38,7 @@ _ROLES = ("system", "developer", "user", "assistant")
 _SUPPORTED_KEYS = {
     "model", "messages", "max_tokens", "max_completion_tokens", "stream", "stream_options", "temperature",
     "top_p", "n", "stop", "seed", "user", "tokenprune", "frequency_penalty", "presence_penalty", "logprobs",
-    "metadata", "store",
+    "metadata", "store", "ignore_eos",
 }  # fmt: skip
 
 
@@ -47,6 +47,7 @@ class Limits:
     """What the server accepts (set from the command line)."""
 
     max_pixels: int = 4096 * 4096
+    max_aspect_ratio: float = 50.0  # a 1x4000 strip would be resized to a huge image by shortest-edge resizing
     max_images: int = 1
     max_image_bytes: int = 20 * 1024 * 1024
     max_tokens: int = 512
@@ -84,6 +85,12 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     reduction: Reduction | None = None  # None: the server's default
     return_kept: bool = False
+    ignore_eos: bool = False  # vLLM-style extension: always generate max_tokens (benchmarks)
+
+    @property
+    def sampling(self) -> tuple[float, float, bool]:
+        """Settings a batch must share besides the reduction."""
+        return (self.temperature, self.top_p, self.ignore_eos)
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -244,10 +251,18 @@ def _open(raw: bytes, limits: Limits, param: str) -> Image.Image:
                 )
             if w < 1 or h < 1:
                 raise bad_request(f"{param}: image is empty ({w}x{h})", param=param, code="invalid_image")
+            if max(w, h) / min(w, h) > limits.max_aspect_ratio:
+                raise bad_request(
+                    f"{param}: image is {w}x{h}; this server accepts aspect ratios up to {limits.max_aspect_ratio:g}",
+                    param=param,
+                    code="image_aspect_ratio",
+                )
             img.load()
             return img.convert("RGB")
     except APIError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise bad_request(f"{param}: {exc}", param=param, code="image_too_large") from None
     except Exception as exc:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError, ...)
         raise bad_request(f"{param}: could not decode image: {exc}", param=param, code="invalid_image") from None
 
@@ -348,6 +363,9 @@ def parse_chat(body: dict[str, Any], limits: Limits) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad_request("stream_options: must be an object", param="stream_options")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad_request("ignore_eos: must be true or false", param="ignore_eos")
     reduction, return_kept = parse_reduction(body.get("tokenprune"))
     prompt, images = render_messages(body.get("messages"), limits)
     return ChatRequest(
@@ -362,4 +380,5 @@ def parse_chat(body: dict[str, Any], limits: Limits) -> ChatRequest:
         stop=_stop(body),
         reduction=reduction,
         return_kept=return_kept,
+        ignore_eos=ignore_eos,
     )

@@ -70,8 +70,8 @@ RunBatch = Callable[[Hashable, Sequence[Job]], None]
 
 class Scheduler:
     """Queue + worker thread. ``run_batch(key, jobs)`` runs one batch and feeds the jobs' sinks;
-    if it raises, every job of the batch gets an error (400 for typed tokenprune / value errors,
-    500 otherwise) and the worker goes on."""
+    if it raises, every job of the batch gets an error (an :class:`~tokenprune.serve.errors.APIError`
+    as it is, anything else as a 500; jobs already answered ignore it) and the worker goes on."""
 
     def __init__(
         self,
@@ -177,10 +177,6 @@ class Scheduler:
             except APIError as exc:
                 for job in batch:
                     job.sink.on_error(exc)
-            except (ValueError, TypeError) as exc:  # typed tokenprune errors from patch()
-                err = APIError(str(exc), status=400, param="tokenprune", code=type(exc).__name__)
-                for job in batch:
-                    job.sink.on_error(err)
             except Exception as exc:  # an engine bug: answer, log, keep serving
                 log.exception("batch of %d failed", len(batch))
                 err = APIError(f"internal error: {type(exc).__name__}: {exc}", status=500, type="server_error")
