@@ -82,7 +82,8 @@ def server(model_dir, tmp_path_factory):
     cmd = [
         sys.executable, "-m", "tokenprune.serve", "--model", model_dir, "--method", "pdrop", "--budget", "0.2",
         "--port", str(port), "--threads", "1", "--max-pixels", str(MAX_PIXELS), "--batch-window-ms", "50",
-        "--served-model-name", "tiny-llava", "--max-body-bytes", str(MAX_BODY),
+        "--served-model-name", "tiny-llava", "--max-body-bytes", str(MAX_BODY), "--max-images", "2",
+        "--max-tokens", "100000",
     ]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -263,6 +264,13 @@ def test_per_request_override(server, client, local):
         model=server["model"], messages=user(data_url(img)), max_tokens=5, extra_body={"ignore_eos": True}
     )
     assert fixed.usage.completion_tokens == 5 and fixed.choices[0].finish_reason == "length"
+    two = client.chat.completions.create(
+        model=server["model"], messages=user([data_url(img), data_url(tiny.image(32, 32, 4))]), max_tokens=2
+    )
+    one = client.chat.completions.create(model=server["model"], messages=user(data_url(img)), max_tokens=2)
+    n_one = one.usage.model_extra["tokenprune"]["visual_tokens"]
+    assert two.usage.model_extra["tokenprune"]["visual_tokens"] == 2 * n_one
+    assert two.usage.prompt_tokens >= one.usage.prompt_tokens + n_one  # + the second "<image>\n"
     budget_only = client.chat.completions.create(
         model=server["model"], messages=user(data_url(img)), max_tokens=2, extra_body={"tokenprune": {"budget": 0.5}}
     )
@@ -312,7 +320,7 @@ def test_concurrent_requests_are_batched_and_traces_not_mixed(server, local):
 # ---- malformed input: each case gets its documented 4xx, the server stays up ---------------------
 
 
-def _bad_cases(model: str) -> list[tuple[str, bytes | dict, int, str | None]]:
+def _bad_cases(model: str, context: int) -> list[tuple[str, bytes | dict, int, str | None]]:
     ok = data_url(tiny.image(32, 32, 1))
     png = base64.b64decode(ok.split(",", 1)[1])
     truncated = "data:image/png;base64," + base64.b64encode(png[: len(png) // 2]).decode()
@@ -339,7 +347,7 @@ def _bad_cases(model: str) -> list[tuple[str, bytes | dict, int, str | None]]:
         ("truncated png", body(messages=user(truncated)), 400, "invalid_image"),
         ("over pixel limit", body(messages=user(big)), 400, "image_too_large"),
         ("extreme aspect ratio", body(messages=user(data_url(tiny.image(2, 400, 3)))), 400, "image_aspect_ratio"),
-        ("too many images", body(messages=user([ok, ok])), 400, "too_many_images"),
+        ("too many images", body(messages=user([ok, ok, ok])), 400, "too_many_images"),
         ("remote url refused", body(messages=user("http://127.0.0.1:9/cat.png")), 400, "remote_images_disabled"),
         ("local path", body(messages=user("/etc/passwd")), 400, "invalid_image"),
         ("file url", body(messages=user("file:///etc/passwd")), 400, "invalid_image"),
@@ -350,8 +358,8 @@ def _bad_cases(model: str) -> list[tuple[str, bytes | dict, int, str | None]]:
         ("budget not a number", tp(budget="half"), 400, None),
         ("bad method param", tp(method="fastv", budget=0.5, params={"bogus": 1}), 400, "MethodArgumentError"),
         ("tokenprune not an object", body(tokenprune="pdrop"), 400, None),
-        ("prompt over context", body(messages=user(ok, "tell me " * 400)), 400, "context_length_exceeded"),
-        ("max_tokens over context", body(max_tokens=500), 400, "context_length_exceeded"),
+        ("prompt over context", body(messages=user(ok, "tell me " * context)), 400, "context_length_exceeded"),
+        ("max_tokens over context", body(max_tokens=context), 400, "context_length_exceeded"),
         ("max_tokens zero", body(max_tokens=0), 400, None),
         ("max_tokens not int", body(max_tokens="ten"), 400, None),
         ("n above one", body(n=2), 400, None),
@@ -362,7 +370,9 @@ def _bad_cases(model: str) -> list[tuple[str, bytes | dict, int, str | None]]:
 
 def test_malformed_inputs_get_4xx(server):
     before = metrics(server)
-    cases = _bad_cases(server["model"])
+    with urllib.request.urlopen(server["base"] + "/v1/models", timeout=10) as r:
+        context = json.loads(r.read())["data"][0]["tokenprune"]["context_length"]
+    cases = _bad_cases(server["model"], context)
     for name, body, status, code in cases:
         got, err = post(server, body)
         assert got == status, (name, got, err)
