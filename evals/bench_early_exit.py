@@ -130,58 +130,62 @@ def llava_accuracy(model, proc, examples, threshold, args) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def llava_timing(model, proc, examples, threshold, args) -> dict[str, Any]:
-    """Batch 1: encode time, prefill time, decode time per token; FLOPs-ideal MACs alongside."""
+def llava_timing(model, proc, examples, configs: dict[str, Any], args) -> dict[str, dict[str, Any]]:
+    """Batch 1, configs interleaved round by round (a loaded machine drifts): median encode time,
+    median decode time per token; FLOPs-ideal MACs alongside."""
     tok = proc.tokenizer
     core = model.model
     text = DecoderGeometry.from_config(model.config.text_config)
     vcfg = model.config.vision_config
     vis = DecoderGeometry.from_config(vcfg, gated=False)
-    handle = _patch(model, threshold, args)
-    enc_t, dec_t, dec_tokens = [], 0.0, 0
-    dec_macs = base_dec_macs = enc_macs = base_enc_macs = 0.0
     n_tok = (vcfg.image_size // vcfg.patch_size) ** 2 + 1
     embed = n_tok * 3 * vcfg.patch_size ** 2 * vcfg.hidden_size
     proj = (n_tok - 1) * (vcfg.hidden_size * text.hidden + text.hidden * text.hidden)
-    try:
-        for r in range(args.warmup + 1):
-            for ex in examples:
-                inp = proc(images=[ex["image"]], text=[prompt(ex["question"])], return_tensors="pt")
-                _, te = _timed(lambda inp=inp: core.get_image_features(pixel_values=inp["pixel_values"]))
-                _, tp = _timed(lambda inp=inp: model(**inp, use_cache=True, logits_to_keep=1))
-                out, tg = _timed(lambda inp=inp: model.generate(**inp, max_new_tokens=args.max_new, do_sample=False,
-                                                                pad_token_id=tok.pad_token_id))
-                if r < args.warmup:
-                    continue
-                gen = out[0, inp["input_ids"].shape[1]:]
-                n_new = int(gen.numel())
-                enc_t.append(te)
-                if n_new > 1:
-                    dec_t += max(tg - tp, 0.0)
-                    dec_tokens += n_new - 1
-                rec = handle.trace.early_exit if handle is not None and handle.trace is not None else None
-                full = [text.layers] * (n_new - 1)
-                lpt = rec.layers_per_token[0].tolist() if rec is not None and rec.decode else full
-                ctx0 = inp["input_ids"].shape[1]
-                for s, used in enumerate(lpt[: n_new - 1]):
-                    c = ctx0 + s + 1
-                    per = layer_macs(text, 1, c)
-                    head = text.hidden * text.vocab
-                    fill = (text.layers - used) * text.hidden * 2 * text.d_kv
-                    dec_macs += used * per + fill + head
-                    base_dec_macs += text.layers * per + head
-                vl = rec.vision.tolist() if rec is not None and rec.vision is not None else [vis.layers]
-                per_v = layer_macs(vis, n_tok)
-                enc_macs += embed + proj + sum(vl) / len(vl) * per_v
-                base_enc_macs += embed + proj + vis.layers * per_v
-    finally:
-        if handle is not None:
-            handle.remove()
+    head = text.hidden * text.vocab
+    per_v = layer_macs(vis, n_tok)
+    enc_t: dict[str, list[float]] = defaultdict(list)
+    dec_t: dict[str, list[float]] = defaultdict(list)
+    macs: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])  # dec, base dec, enc, base enc
+    inputs = [proc(images=[ex["image"]], text=[prompt(ex["question"])], return_tensors="pt") for ex in examples]
+    for r in range(args.warmup + args.rounds):
+        for name, threshold in configs.items():
+            handle = _patch(model, threshold, args)
+            try:
+                for inp in inputs:
+                    _, te = _timed(lambda inp=inp: core.get_image_features(pixel_values=inp["pixel_values"]))
+                    _, tp = _timed(lambda inp=inp: model(**inp, use_cache=True, logits_to_keep=1))
+                    out, tg = _timed(lambda inp=inp: model.generate(**inp, max_new_tokens=args.max_new,
+                                                                    do_sample=False, pad_token_id=tok.pad_token_id))
+                    if r < args.warmup:
+                        continue
+                    n_new = int(out.shape[1] - inp["input_ids"].shape[1])
+                    enc_t[name].append(te)
+                    if n_new > 1:
+                        dec_t[name].append(max(tg - tp, 0.0) / (n_new - 1))
+                    if r > args.warmup:
+                        continue
+                    rec = handle.trace.early_exit if handle is not None and handle.trace is not None else None
+                    full = [text.layers] * (n_new - 1)
+                    lpt = rec.layers_per_token[0].tolist() if rec is not None and rec.decode else full
+                    m = macs[name]
+                    for s, used in enumerate(lpt[: n_new - 1]):
+                        per = layer_macs(text, 1, inp["input_ids"].shape[1] + s + 1)
+                        m[0] += used * per + (text.layers - used) * text.hidden * 2 * text.d_kv + head
+                        m[1] += text.layers * per + head
+                    vl = rec.vision.tolist() if rec is not None and rec.vision is not None else [vis.layers]
+                    m[2] += embed + proj + sum(vl) / len(vl) * per_v
+                    m[3] += embed + proj + vis.layers * per_v
+            finally:
+                if handle is not None:
+                    handle.remove()
     return {
-        "encode_s": statistics.median(enc_t) if enc_t else None,
-        "decode_s_per_token": dec_t / dec_tokens if dec_tokens else None,
-        "decode_ideal_ratio": round(base_dec_macs / dec_macs, 3) if dec_macs else None,
-        "encode_ideal_ratio": round(base_enc_macs / enc_macs, 3) if enc_macs else None,
+        name: {
+            "encode_s": statistics.median(enc_t[name]) if enc_t[name] else None,
+            "decode_s_per_token": statistics.median(dec_t[name]) if dec_t[name] else None,
+            "decode_ideal_ratio": round(macs[name][1] / macs[name][0], 3) if macs[name][0] else None,
+            "encode_ideal_ratio": round(macs[name][3] / macs[name][2], 3) if macs[name][2] else None,
+        }
+        for name in configs
     }
 
 
@@ -198,14 +202,16 @@ def bench_llava(args) -> dict[str, Any]:
     out["decode_similarity_per_layer"] = decode_similarity_profile(model, proc, examples[: args.profile_n])
     print("similarity", out["decode_similarity_per_layer"], flush=True)
     rows = {}
-    timing_examples = examples[: args.time_n]
-    for thr in ["baseline", None, *args.thresholds]:
-        name = "unpatched" if thr == "baseline" else ("vision_skip_only" if thr is None else f"thr{thr:g}")
+    configs: dict[str, Any] = {"unpatched": "baseline", "vision_skip_only": None}
+    configs.update({f"thr{t:g}": t for t in args.thresholds})
+    for name, thr in configs.items():
         row = llava_accuracy(model, proc, examples, thr, args)
         row["threshold"] = None if thr in ("baseline", None) else thr
-        row.update(llava_timing(model, proc, timing_examples, thr, args))
         rows[name] = row
         print(name, json.dumps(row), flush=True)
+    for name, t in llava_timing(model, proc, examples[: args.time_n], configs, args).items():
+        rows[name].update(t)
+        print(name, json.dumps(t), flush=True)
     base = rows["unpatched"]
     for row in rows.values():
         row["decode_speedup"] = round(base["decode_s_per_token"] / row["decode_s_per_token"], 3) \
@@ -268,7 +274,9 @@ def bench_vit(args) -> dict[str, Any]:
     per_exit["final"] = round(100 * float((out.logits.argmax(-1) == labels).float().mean()), 1)
     rows = {}
     t_px = px[: args.time_n]
-    for thr in ["baseline", *args.vit_thresholds]:
+    configs: dict[str, Any] = {"unpatched": "baseline"}
+    configs.update({f"conf{t:g}": t for t in args.vit_thresholds})
+    for name, thr in configs.items():
         handle = None if thr == "baseline" else tokenprune.patch(model, "early_exit", heads=heads, threshold=thr)
         try:
             chunks, used = [], []
@@ -277,27 +285,29 @@ def bench_vit(args) -> dict[str, Any]:
                 rec = handle.trace.early_exit if handle is not None else None
                 used += rec.classify.tolist() if rec is not None else [cfg.num_hidden_layers] * len(chunks[-1])
             logits = torch.cat(chunks)
-            times = []
-            for r in range(args.warmup + 1):
-                for i in range(len(t_px)):
-                    _, t = _timed(lambda i=i: model(pixel_values=t_px[i:i + 1]))
-                    if r >= args.warmup:
-                        times.append(t)
         finally:
             if handle is not None:
                 handle.remove()
-        macs = []
-        for u in used:
-            heads_run = sum(m for p, m in zip(heads.positions, hm) if p + 1 <= u) if thr != "baseline" else 0.0
-            macs.append(embed + u * per_layer + heads_run)
-        rows["unpatched" if thr == "baseline" else f"conf{thr:g}"] = {
-            "threshold": None if thr == "baseline" else thr,
-            "accuracy": round(100 * float((logits.argmax(-1) == labels).float().mean()), 1),
-            "mean_exit_layer": round(statistics.mean(used), 3),
-            "s_per_image_bs1": sum(times) / len(times),
-            "macs": statistics.mean(macs),
-        }
-        print(thr, json.dumps(rows[list(rows)[-1]]), flush=True)
+        macs = [embed + u * per_layer + (sum(m for p, m in zip(heads.positions, hm) if p + 1 <= u)
+                                         if thr != "baseline" else 0.0) for u in used]
+        rows[name] = {"threshold": None if thr == "baseline" else thr,
+                      "accuracy": round(100 * float((logits.argmax(-1) == labels).float().mean()), 1),
+                      "mean_exit_layer": round(statistics.mean(used), 3), "macs": statistics.mean(macs)}
+        print(name, json.dumps(rows[name]), flush=True)
+    times: dict[str, list[float]] = defaultdict(list)
+    for r in range(args.warmup + args.rounds):  # configs interleaved: a loaded machine drifts
+        for name, thr in configs.items():
+            handle = None if thr == "baseline" else tokenprune.patch(model, "early_exit", heads=heads, threshold=thr)
+            try:
+                for i in range(len(t_px)):
+                    _, t = _timed(lambda i=i: model(pixel_values=t_px[i:i + 1]))
+                    if r >= args.warmup:
+                        times[name].append(t)
+            finally:
+                if handle is not None:
+                    handle.remove()
+    for name in configs:
+        rows[name]["s_per_image_bs1"] = statistics.median(times[name])
     base = rows["unpatched"]
     for row in rows.values():
         row["speedup"] = round(base["s_per_image_bs1"] / row["s_per_image_bs1"], 3)
@@ -359,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bs", type=int, default=8)
     p.add_argument("--max-new", type=int, default=12)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds (configs interleaved)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.995, 0.99, 0.98, 0.95])
     p.add_argument("--min-layer", type=int, default=None)
     p.add_argument("--vision-threshold", type=float, default=None)

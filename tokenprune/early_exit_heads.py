@@ -246,8 +246,9 @@ def train_heads(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
             loss.backward()
         opt.step()
         if log_every and step % log_every == 0:
-            print(json.dumps({"step": step, "t": round(time.time() - start, 1), "loss": round(float(loss), 4),
-                              **{k: round(v, 4) for k, v in parts.items()}}), flush=True)
+            print(json.dumps({"step": step, "t": round(time.time() - start, 1),
+                              "loss": round(float(loss.detach()), 4), **{k: round(v, 4) for k, v in parts.items()}}),
+                  flush=True)
     return heads.eval()
 
 

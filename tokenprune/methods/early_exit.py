@@ -103,12 +103,14 @@ def feature_layers_read(feature_layer: int | list[int] | None, num_layers: int) 
 class _DecodeStep:
     done: torch.Tensor  # (B,) bool: sample has exited
     last: torch.Tensor  # (B,) long: last decoder layer run
+    n_done: int = 0  # python mirror of done.sum() (one device sync per layer, not three)
 
 
 @dataclass
 class _EncoderPass:
     done: torch.Tensor  # (T,) bool
     layers: torch.Tensor  # (T,) encoder layers run
+    n_done: int = 0
     logits: torch.Tensor | None = None  # (T, C) exit-head logits of exited rows
 
 
@@ -245,17 +247,18 @@ class EarlyExit(Method):
                     rt.step = _DecodeStep(torch.zeros(b, dtype=torch.bool, device=hs.device),
                                           torch.full((b,), n - 1, dtype=torch.long, device=hs.device))
                 step = rt.step
-                if bool(step.done.all()):
+                if step.n_done == hs.shape[0]:
                     fill_kv(layer, hs, kw)
                     out = hs
                 else:
                     out = original(*args, **kwargs)
-                    if bool(step.done.any()):
+                    if step.n_done:
                         out = torch.where(step.done[:, None, None], hs, out)
                     if j < n - 1:
                         new = ~step.done & (_similarity(hs, out) >= thr)
                         step.last = torch.where(new, j, step.last)
                         step.done = step.done | new
+                        step.n_done = int(step.done.sum())
                 if j == n - 1:
                     rec = _record(state)
                     if rec is not None:
@@ -325,9 +328,9 @@ class EarlyExit(Method):
                 if i > last:  # nothing reads this layer's output (LLaVA's last CLIP layer)
                     enc.layers = torch.minimum(enc.layers, torch.full_like(enc.layers, last + 1))
                     out = hs
-                elif bool(enc.done.all()):
+                elif enc.n_done == hs.shape[0]:
                     out = hs
-                elif bool(enc.done.any()):  # rows are independent in an encoder: run the active ones
+                elif enc.n_done:  # rows are independent in an encoder: run the active ones
                     rows = (~enc.done).nonzero().flatten()
                     sub = dict(kw)
                     sub["hidden_states"] = hs[rows]
@@ -338,11 +341,13 @@ class EarlyExit(Method):
                     out[rows] = original(**sub)
                 else:
                     out = original(*args, **kwargs)
-                if i < last:
+                check_sim = vthr is not None and i >= vfirst
+                check_head = i in head_at and cthr is not None
+                if i < last and (check_sim or check_head) and enc.n_done < hs.shape[0]:
                     new = torch.zeros_like(enc.done)
-                    if vthr is not None and i >= vfirst:
+                    if check_sim:
                         new |= ~enc.done & (_similarity(hs, out) >= vthr)
-                    if i in head_at and cthr is not None:
+                    if check_head:
                         active = ~enc.done & ~new
                         if bool(active.any()):
                             rows = active.nonzero().flatten()
@@ -356,6 +361,7 @@ class EarlyExit(Method):
                             new[rows[ok]] = True
                     enc.layers = torch.where(new, i + 1, enc.layers)
                     enc.done = enc.done | new
+                    enc.n_done = int(enc.done.sum())
                 if i == n - 1:
                     rt.vision = enc.layers.cpu()
                     rec = _record(state) if not anatomy.is_vlm else None
@@ -374,7 +380,7 @@ class EarlyExit(Method):
         if head_at:
             def answer(mod, kw, output):
                 enc = rt.encoder
-                if enc is None or enc.logits is None or not bool(enc.done.any()):
+                if enc is None or enc.logits is None or not enc.n_done:
                     return None
                 at = 1 if kw.get("labels") is not None else 0
                 logits = output.logits if hasattr(output, "logits") else output[at]
