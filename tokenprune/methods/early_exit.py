@@ -349,16 +349,19 @@ class EarlyExit(Method):
                         new |= ~enc.done & (_similarity(hs, out) >= vthr)
                     if check_head:
                         active = ~enc.done & ~new
-                        if bool(active.any()):
-                            rows = active.nonzero().flatten()
-                            logits, _ = head_at[i](out[rows])
-                            conf = logits.float().softmax(-1).amax(-1)
-                            ok = conf >= cthr
+                        whole = enc.n_done == 0 and not check_sim  # batch 1 / nothing exited: no gathers
+                        rows = None if whole else active.nonzero().flatten()
+                        if whole or rows.numel():
+                            logits, _ = head_at[i](out if whole else out[rows])
+                            ok = logits.float().softmax(-1).amax(-1) >= cthr
                             if enc.logits is None:
-                                enc.logits = torch.zeros(hs.shape[0], logits.shape[-1], dtype=logits.dtype,
-                                                         device=logits.device)
-                            enc.logits[rows[ok]] = logits[ok]
-                            new[rows[ok]] = True
+                                enc.logits = logits.new_zeros(hs.shape[0], logits.shape[-1])
+                            if whole:
+                                enc.logits = torch.where(ok[:, None], logits, enc.logits)
+                                new = new | ok
+                            else:
+                                enc.logits[rows[ok]] = logits[ok]
+                                new[rows[ok]] = True
                     enc.layers = torch.where(new, i + 1, enc.layers)
                     enc.done = enc.done | new
                     enc.n_done = int(enc.done.sum())
