@@ -36,7 +36,10 @@ Three mechanisms, one method (``tokenprune.patch(model, "early_exit", threshold=
   reaches ``threshold`` (LGViT's ``confidence`` strategy) and its logits are that head's.
 
 ``threshold`` is the main exit rule of the model: cosine similarity for LLM decoding (VLMs), head
-confidence for a ViT classifier with ``heads``. ``None`` (or a value above 1) never fires. The trace
+confidence for a ViT classifier with ``heads`` (LGViT's scripts use 0.8; the default 0.99 is meant for
+the cosine rule). ``None`` (or a value above 1) never fires. ``min_layer`` / ``vision_min_layer``
+default to half the depth. Inference only: with exit heads, a ``loss`` computed from ``labels`` is
+the final head's, not recomputed from the exit logits. The trace
 (``handle.trace.early_exit``, a :class:`~tokenprune.core.trace.ExitRecord`) records the layers each
 decoded token, encoded image and classified sample used.
 """
