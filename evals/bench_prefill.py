@@ -5,8 +5,9 @@ FFN 11008, MHA, 576 visual tokens from a 336-px / patch-14 grid) and fewer decod
 (``--layers``, default 6; the real model has 32). The vision tower is a 1-layer, 64-wide CLIP with the
 same 24x24 grid, so the time is the LLM's. Per method it reports:
 
-* ``prefill_s``: median time of ``model(**inputs, logits_to_keep=1)`` (batch 1), methods measured
-  round-robin (one run of each per round) so machine load drifts hit all of them alike;
+* ``prefill_s``: fastest of the repeats of ``model(**inputs, logits_to_keep=1)`` (batch 1; on a shared
+  CPU the least-disturbed run; the median is kept too), methods measured round-robin (one run of each
+  per round) so machine load drifts hit all of them alike;
 * ``ideal_speedup``: unpruned over pruned analytic prefill MACs (:mod:`tokenprune.flops`);
   ``measured_speedup`` and ``measured_over_ideal`` (target >= 0.9);
 * ``overhead_s``: time inside tokenprune's hooks (scoring, selection, gathering, mask and position
@@ -100,12 +101,20 @@ class HookClock:
         self.vision = 0.0
         self.handles = [m.register_forward_pre_hook(self._start(i), prepend=True) for i, m in enumerate(self.modules)]
         self._v0 = 0.0
+        self.layer_s = [0.0] * (len(self.modules) - 1)
+        self.handles += [m.register_forward_hook(self._layer_end(i)) for i, m in enumerate(self.modules) if i > 0]
         self.handles.append(core.vision_tower.register_forward_pre_hook(self._vstart))
         self.handles.append(core.multi_modal_projector.register_forward_hook(self._vend))
 
     def _start(self, i):
         def hook(*_):
-            self.starts[i] = time.perf_counter()
+            self.starts[i] = self.starts[f"layer{i}"] = time.perf_counter()
+        return hook
+
+    def _layer_end(self, i):
+        def hook(*_):
+            if f"layer{i}" in self.starts:
+                self.layer_s[i - 1] += time.perf_counter() - self.starts.pop(f"layer{i}")
         return hook
 
     def _end(self, i):
@@ -126,6 +135,7 @@ class HookClock:
 
     def reset(self) -> None:
         self.total, self.vision, self.starts = 0.0, 0.0, {}
+        self.layer_s = [0.0] * len(self.layer_s)
 
     @property
     def overhead(self) -> float:
@@ -153,7 +163,7 @@ def _one(model: Any, inputs: dict[str, torch.Tensor], method: str, budget: float
             dt = time.perf_counter() - t0
         trace = handle.trace if handle is not None else None
         return {"prefill_s": dt, "overhead_s": clock.overhead if handle is not None else 0.0,
-                "select_s": timed.elapsed if timed else 0.0, "trace": trace}
+                "select_s": timed.elapsed if timed else 0.0, "trace": trace, "layer_s": list(clock.layer_s)}
     finally:
         if handle is not None:
             handle.remove()
@@ -189,25 +199,29 @@ def run(layers: int = 6, methods: list[str] | None = None, budget: float = 0.2, 
             log(f"round {r} {m}: {res['prefill_s']:.3f} s")
     base_cost = flops.estimate(model, inputs)[0]
     rows = []
-    base_t = statistics.median(s["prefill_s"] for s in samples["none"])
+    base_t = min(s["prefill_s"] for s in samples["none"])
+    base_med = statistics.median(s["prefill_s"] for s in samples["none"])
     for m in names:
         if m in errors or not samples[m]:
             rows.append({"method": m, "error": errors.get(m, "no samples")})
             continue
         trace = samples[m][-1]["trace"]
         cost = flops.estimate(model, inputs, trace)[0]
-        t = statistics.median(s["prefill_s"] for s in samples[m])
+        t = min(s["prefill_s"] for s in samples[m])
+        t_med = statistics.median(s["prefill_s"] for s in samples[m])
         ideal = base_cost.prefill_total / cost.prefill_total
         over = statistics.median(s["overhead_s"] for s in samples[m])
         rows.append({
             "method": m, "budget": None if m == "none" else budget,
             "realized_budget": trace.realized_budget if trace is not None else 1.0,
             "visual_tokens_per_layer": trace.visual_tokens_per_layer if trace is not None else None,
-            "prefill_s": t, "prefill_s_all": [s["prefill_s"] for s in samples[m]],
+            "prefill_s": t, "prefill_s_median": t_med, "prefill_s_all": [s["prefill_s"] for s in samples[m]],
+            "measured_speedup_median": base_med / t_med,
             "prefill_gmacs": cost.prefill_total / 1e9, "flops_ratio": cost.prefill_total / base_cost.prefill_total,
             "ideal_speedup": ideal, "measured_speedup": base_t / t, "measured_over_ideal": (base_t / t) / ideal,
             "overhead_s": over, "select_s": statistics.median(s["select_s"] for s in samples[m]),
             "overhead_pct": 100.0 * over / t,
+            "layer_s": min(samples[m], key=lambda s: s["prefill_s"])["layer_s"],
         })
     return {
         "benchmark": "prefill", "device": "cpu", "threads": torch.get_num_threads(), "dtype": "float32",
@@ -230,7 +244,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"Random-init LLaVA, LM geometry of LLaVA-1.5-7B (d={g['hidden']}, {g['heads']} heads, FFN {g['ffn']}) with "
         f"**{g['layers']} of 32 layers**, {g['visual_tokens']} visual tokens, {g['prompt_tokens']}-token prompt; "
         f"{res['device']}, {res['threads']} threads, {res['dtype']}, {res['attn_implementation']}, batch 1; "
-        f"median of {res['repeats']} (after {res['warmup']} warm-up), methods interleaved.", "",
+        f"best of {res['repeats']} (after {res['warmup']} warm-up; median-based speed-up in brackets), "
+        "methods interleaved.", "",
         "| method | realized budget | prefill s | FLOPs ratio | ideal speed-up | measured speed-up | measured/ideal "
         "| hook overhead ms | select ms | overhead % |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -241,8 +256,13 @@ def markdown(res: dict[str, Any]) -> str:
             continue
         lines.append(
             f"| {r['method']} | {r['realized_budget']:.3f} | {r['prefill_s']:.3f} | {r['flops_ratio']:.3f} | "
-            f"{r['ideal_speedup']:.2f}x | {r['measured_speedup']:.2f}x | {r['measured_over_ideal']:.2f} | "
+            f"{r['ideal_speedup']:.2f}x | {r['measured_speedup']:.2f}x ({r['measured_speedup_median']:.2f}x) | "
+            f"{r['measured_over_ideal']:.2f} | "
             f"{r['overhead_s'] * 1e3:.1f} | {r['select_s'] * 1e3:.1f} | {r['overhead_pct']:.2f} |")
+    lines += ["", "Per decoder layer (ms, fastest run; includes tokenprune's pre-hooks at that layer):", ""]
+    for r in res["results"]:
+        if "layer_s" in r:
+            lines.append(f"- {r['method']}: " + ", ".join(f"{v * 1e3:.0f}" for v in r["layer_s"]))
     return "\n".join(lines) + "\n"
 
 
