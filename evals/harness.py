@@ -77,6 +77,11 @@ def available_methods(requested: list[str]) -> tuple[list[str], dict[str, str]]:
     return keep, skipped
 
 
+def _style(cfg: EvalConfig) -> str:
+    """Bundled fixtures were trained on LLaVA-1.5's prompt: ``auto`` means that for them."""
+    return "llava" if cfg.prompt_style == "auto" and cfg.model.startswith("bundled:") else cfg.prompt_style
+
+
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
@@ -106,7 +111,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         task = get_task(task_name)
         docs = task.docs(cfg.limit, cfg.seed, cfg.data.get(task_name))
         opts = RunOptions(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, device=device, dtype=dtype,
-                          seed=cfg.seed, prompt_style=cfg.prompt_style, overlays=cfg.overlays)
+                          seed=cfg.seed, prompt_style=_style(cfg), overlays=cfg.overlays)
         if dist.is_main and cfg.overlays:
             _save_overlay_images(out, task_name, docs[: cfg.overlays])
         plan = [(UNPRUNED, None)] + [(m, b) for m in methods if m != UNPRUNED for b in cfg.budgets]
@@ -179,7 +184,7 @@ def _latency(cfg: EvalConfig, model: Any, processor: Any, task: Any, docs: list[
 
     with patched(model, method, budget, cfg.seed):
         return L.measure(model, processor, docs[: cfg.latency_samples], opts.new_tokens(task), opts.device,
-                         opts.dtype, cfg.warmup, cfg.repeats, cfg.prompt_style)
+                         opts.dtype, cfg.warmup, cfg.repeats, opts.prompt_style)
 
 
 def _save_overlay_images(out: Path, task: str, docs: list[dict[str, Any]]) -> None:

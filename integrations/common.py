@@ -30,7 +30,8 @@ class PrunedVLM:
         self.model, self.processor = load_model(str(pretrained), device, dtype, attn_implementation, bool(int8))
         self.device = device
         self.dtype = resolve_dtype(dtype)
-        self.prompt_style = prompt_style
+        bundled = str(pretrained).startswith("bundled:")  # fixtures were trained on LLaVA-1.5's prompt
+        self.prompt_style = "llava" if prompt_style == "auto" and bundled else prompt_style
         self.max_new_tokens = int(max_new_tokens)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.method = str(method)
