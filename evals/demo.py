@@ -21,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated; default: the registered ones of {', '.join(DEMO_METHODS)}")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--latency-samples", type=int, default=8)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the fixture's ops are tiny, so more threads mostly add "
+                        "synchronisation; on a busy 2-core machine 2 threads ran >6x slower)")
     p.add_argument("--no-progress", action="store_true")
 
 
