@@ -10,15 +10,18 @@ class Dist:
     """The process group of this run. Without ``accelerate launch`` it is a single process.
 
     Docs are sharded ``i % world == rank``; each rank writes its records to a part file, and the main
-    process merges them after :meth:`barrier`.
+    process merges them after :meth:`barrier`. On CPU the processes form a gloo group: launch them with
+    ``accelerate launch --multi_gpu --num_processes N -m evals --device cpu ...`` (accelerate's torchrun
+    launcher; its ``--cpu`` flag alone starts one process unless given an mpirun hostfile) or with
+    ``torchrun --nproc_per_node N -m evals ...``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         self.state: Any = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
 
-            self.state = PartialState()
+            self.state = PartialState(cpu=str(device).startswith("cpu"))
         self.rank = self.state.process_index if self.state else 0
         self.world = self.state.num_processes if self.state else 1
         self.local_rank = self.state.local_process_index if self.state else 0

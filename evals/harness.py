@@ -95,7 +95,7 @@ def _progress(total: int, desc: str, enabled: bool):
 def run(cfg: EvalConfig) -> dict[str, Any] | None:
     """Run every cell (skipping finished ones), then write results.json / results.md / plots on the
     main process. Returns the results object there (None on other processes)."""
-    dist = Dist()
+    dist = Dist(cfg.device)
     out = Path(cfg.out)
     device = dist.device(cfg.device)
     torch.manual_seed(cfg.seed)

@@ -30,8 +30,10 @@ def test_two_processes_match_one(tmp_path):
               "--limit", "10", "--latency-samples", "0", "--overlays", "0", "--no-progress", "--threads", "1"]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _run([sys.executable, "-m", "evals", *common, "--out", str(tmp_path / "one")], repo)
-    _run(["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-          "--dynamo_backend", "no", "-m", "evals", *common, "--out", str(tmp_path / "two")], repo)
+    # accelerate's torchrun launcher ("--multi_gpu") also starts CPU processes; --device cpu makes them gloo
+    _run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "evals", *common, "--out", str(tmp_path / "two")],
+         repo)
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["run"]["world_size"] == 2 and one["run"]["world_size"] == 1
