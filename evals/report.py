@@ -149,9 +149,9 @@ def overlays(out: Path, results: dict[str, Any], budget: float | None = None) ->
                 if rec is None:
                     continue
                 ax.imshow(_overlay(img, rec, h, w))
-                n_base = sum(1 for t in rec["tile"] if t == 0)
-                kept_base = sum(1 for k in rec["kept"] if rec["tile"][k] == 0)
-                title = f"{method}{'' if method == 'none' else f' @{b:g}'}\n{kept_base}/{n_base} kept"
+                drawn = _token_set(rec)
+                n_kept = len(set(drawn) & set(rec["kept"]))
+                title = f"{method}{'' if method == 'none' else f' @{b:g}'}\n{n_kept}/{len(drawn)} kept"
                 ax.set_title(title, fontsize=8)
                 if c == 0:
                     ax.text(0, h + 4, question[:60], fontsize=6, va="top")
@@ -163,27 +163,34 @@ def overlays(out: Path, results: dict[str, Any], budget: float | None = None) ->
     return written
 
 
+def _token_set(rec: dict[str, Any]) -> list[int]:
+    """Tokens drawn: the anyres tiles when there are any (finest grid, LLaVA-NeXT), else the base grid."""
+    tiles = [i for i, t in enumerate(rec["tile"]) if t > 0]
+    return tiles or [i for i, t in enumerate(rec["tile"]) if t == 0]
+
+
 def _overlay(img, rec: dict[str, Any], h: int, w: int):
-    """The image dimmed where base-grid tokens were dropped (anyres tiles and newlines are ignored)."""
+    """The image dimmed where drawn tokens were dropped (newline / CLS tokens are not drawn)."""
     import numpy as np
 
-    rows, cols = rec["grid"]
+    idx = _token_set(rec)
+    ys = sorted({round(rec["y"][i], 6) for i in idx})
+    xs = sorted({round(rec["x"][i], 6) for i in idx})
+    rows, cols = max(1, len(ys)), max(1, len(xs))
+    y_of, x_of = {v: k for k, v in enumerate(ys)}, {v: k for k, v in enumerate(xs)}
     keep = np.zeros((rows, cols), dtype=bool)
     seen = np.zeros((rows, cols), dtype=bool)
     kept = set(rec["kept"])
-    for i, (t, y, x) in enumerate(zip(rec["tile"], rec["y"], rec["x"])):
-        if t != 0:
-            continue
-        r, c = min(rows - 1, int(y * rows)), min(cols - 1, int(x * cols))
+    for i in idx:
+        r, c = y_of[round(rec["y"][i], 6)], x_of[round(rec["x"][i], 6)]
         seen[r, c] = True
         keep[r, c] = keep[r, c] or i in kept
-    ys = np.minimum((np.arange(h) * rows) // h, rows - 1)
-    xs = np.minimum((np.arange(w) * cols) // w, cols - 1)
-    mask = keep[ys][:, xs] | ~seen[ys][:, xs]
+    yy = np.minimum((np.arange(h) * rows) // h, rows - 1)
+    xx = np.minimum((np.arange(w) * cols) // w, cols - 1)
+    mask = keep[yy][:, xx] | ~seen[yy][:, xx]
     out = img.copy()
     out[~mask] = out[~mask] * 0.25 + np.array([0.0, 0.0, 0.15])
-    # grid lines around kept cells
-    edge = np.zeros((h, w), dtype=bool)
+    edge = np.zeros((h, w), dtype=bool)  # outline the kept cells
     edge[:, 1:] |= mask[:, 1:] != mask[:, :-1]
     edge[1:, :] |= mask[1:, :] != mask[:-1, :]
     out[edge] = [1.0, 0.85, 0.0]
