@@ -92,6 +92,8 @@ def plots(results: dict[str, Any], folder: Path) -> list[Path]:
             for method in dict.fromkeys(c["method"] for c in cells if c["method"] != "none"):
                 pts = sorted((c["relative"][key], c["metrics"]["accuracy"]) for c in cells
                              if c["method"] == method and c["relative"].get(key) is not None)
+                if pts and base is not None and base["relative"].get(key) is not None:
+                    pts.append((base["relative"][key], base["metrics"]["accuracy"]))  # budget 1 = unpruned
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=method)
             if base is not None and base["relative"].get(key) is not None:
@@ -136,7 +138,7 @@ def overlays(out: Path, results: dict[str, Any], budget: float | None = None) ->
         rows = sorted({i for _, recs in cols for i in recs})
         if not rows or not cols:
             continue
-        fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.3 * len(cols), 2.5 * len(rows)), dpi=100,
+        fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.3 * len(cols), 2.7 * len(rows)), dpi=100,
                                  squeeze=False)
         for r, idx in enumerate(rows):
             img = np.asarray(Image.open(img_dir / f"{idx}.png").convert("RGB")).astype(np.float32) / 255
