@@ -14,7 +14,7 @@ memory (issue #7). Writes ``OUT.json`` and ``OUT.md``.
 * **memory**: one fresh subprocess per variant: resident set after loading (and converting), and the
   peak resident-set growth during one prefill (``VmHWM`` reset through ``/proc/self/clear_refs``).
 
-``python evals/bench_int8.py --n 500 --out results/bench_int8``   (``--checkpoint runs/llava/final`` to
+``python evals/bench_int8.py --out results/bench_int8``   (``--checkpoint runs/llava/final`` to
 use a training output instead of the bundled fixture; ``--skip-accuracy`` without a fixture.)
 """
 
@@ -235,6 +235,8 @@ def memory_child(source: str, variant: str, pruning: str, args: argparse.Namespa
     """Runs in a fresh process: RSS after load + convert, peak RSS growth during one prefill."""
     import ctypes
 
+    import bitsandbytes  # noqa: F401  (loaded in every variant, so its libraries are not counted as model memory)
+
     base = _status_kb("VmRSS")  # libraries imported, no model yet
     model, proc = load_source(source, args)
     model = make_variant(model, variant)
@@ -357,7 +359,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="results/bench_int8", help="writes OUT.json and OUT.md")
     p.add_argument("--checkpoint", default=None, help="LLaVA fixture folder (default: the bundled one)")
-    p.add_argument("--n", type=int, default=500, help="shapes test examples for accuracy")
+    p.add_argument("--n", type=int, default=1000, help="shapes test examples for accuracy")
     p.add_argument("--bs", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--method", default=None, help="pruning method (default pdrop, fastv if pdrop is missing)")
