@@ -36,18 +36,10 @@ def _tower_anatomy(core: nn.Module) -> Anatomy:
     return tower
 
 
-def llava_anatomy(model: nn.Module) -> Anatomy:
-    """Anatomy of a LLaVA-1.5 model (``LlavaForConditionalGeneration`` or ``LlavaModel``)."""
-    core = getattr(model, "model", model)
+def _vlm_anatomy(name: str, model: nn.Module, core: nn.Module, vision, layouts) -> Anatomy:
     cfg = core.config
-    vision = _tower_anatomy(core).vision
-    rows, cols = vision.grid
-
-    def layouts(lengths: list[int], image_sizes: torch.Tensor | None) -> list[ImageLayout]:
-        return [grid_layout(rows, cols, cls=(n == rows * cols + 1)) for n in lengths]
-
     return Anatomy(
-        name="llava",
+        name=name,
         model=model,
         vision=vision,
         llm=_llm_parts(core.language_model),
@@ -57,6 +49,18 @@ def llava_anatomy(model: nn.Module) -> Anatomy:
         layouts=layouts,
         pad_token_id=int(getattr(cfg.text_config, "pad_token_id", None) or 0),
     )
+
+
+def llava_anatomy(model: nn.Module) -> Anatomy:
+    """Anatomy of a LLaVA-1.5 model (``LlavaForConditionalGeneration`` or ``LlavaModel``)."""
+    core = getattr(model, "model", model)
+    vision = _tower_anatomy(core).vision
+    rows, cols = vision.grid
+
+    def layouts(lengths: list[int], image_sizes: torch.Tensor | None) -> list[ImageLayout]:
+        return [grid_layout(rows, cols, cls=(n == rows * cols + 1)) for n in lengths]
+
+    return _vlm_anatomy("llava", model, core, vision, layouts)
 
 
 def llava_next_anatomy(model: nn.Module) -> Anatomy:
@@ -109,14 +113,4 @@ def llava_next_anatomy(model: nn.Module) -> Anatomy:
             raise RuntimeError(f"LLaVA-NeXT layout has {got} tokens per image but the model produced {lengths}")
         return out
 
-    return Anatomy(
-        name="llava_next",
-        model=model,
-        vision=vision,
-        llm=_llm_parts(core.language_model),
-        vlm_core=core,
-        image_token_id=int(cfg.image_token_id),
-        feature_layer=cfg.vision_feature_layer,
-        layouts=layouts,
-        pad_token_id=int(getattr(cfg.text_config, "pad_token_id", None) or 0),
-    )
+    return _vlm_anatomy("llava_next", model, core, vision, layouts)
