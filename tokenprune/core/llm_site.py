@@ -16,17 +16,8 @@ from .masks import columns_from_keep, compose, decode_mask, gather_cols, prefill
 from .scoring import query_logits
 from .select import pad_rows
 from .stage import Context, Stage
-from .state import ForwardState, LLMStageState, take_meta
+from .state import ForwardState, LLMStageState, cache_length, take_meta
 from .trace import StageRecord
-
-
-def _past(cache, layer: int) -> int:
-    if cache is None:
-        return 0
-    try:
-        return int(cache.get_seq_length(layer))
-    except (IndexError, KeyError):
-        return 0
 
 
 def _visual_columns(visual: torch.Tensor) -> torch.Tensor:
@@ -139,7 +130,7 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
             hs = kw["hidden_states"]
             q = hs.shape[1]
             cache = kw.get("past_key_values")
-            past = _past(cache, j)
+            past = cache_length(cache, j)
             if past == 0 and q > 1:  # prefill
                 active = state.active_llm_stage(j - 1)
                 if active is not None:

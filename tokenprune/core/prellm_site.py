@@ -20,12 +20,8 @@ from .masks import columns_from_keep, gather_cols
 from .scoring import cls_attention, mean_keys
 from .select import pad_rows
 from .stage import Context, Stage
-from .state import ForwardState, LLMInput, PromptMap, row_meta, take_meta
+from .state import ForwardState, LLMInput, PromptMap, cache_length, row_meta, take_meta
 from .trace import StageRecord, Trace
-
-
-def _cache_len(cache) -> int:
-    return int(cache.get_seq_length()) if cache is not None else 0
 
 
 def record_image_sizes(core, state: ForwardState, hooks: HookSet) -> None:
@@ -241,7 +237,7 @@ def install_pre_llm(anatomy, stage: Stage | None, state: ForwardState, hooks: Ho
         if pm is None:
             return None
         cache = kw.get("past_key_values")
-        past = _cache_len(cache)
+        past = cache_length(cache)
         new_len = pm.cols.shape[1]
         ids = kw.get("input_ids")
         ref = kw.get("inputs_embeds") if ids is None else ids
@@ -266,7 +262,7 @@ def install_pre_llm(anatomy, stage: Stage | None, state: ForwardState, hooks: Ho
         mm = kw.get("mm_encoder_outputs") or {}
         pv = kw.get("pixel_values")
         has_images = mm.get("image") is not None or (pv is not None and pv.numel() > 0)
-        if _cache_len(kw.get("past_key_values")) == 0:
+        if cache_length(kw.get("past_key_values")) == 0:
             if not has_images:
                 state.prompt, state.llm_input, state.llm_stages = None, None, []
                 return None

@@ -12,6 +12,17 @@ from .stage import META
 from .trace import StageRecord, Trace
 
 
+def cache_length(cache, layer: int = 0) -> int:
+    """Entries in ``cache`` for ``layer`` (0 when there is no cache or the layer holds none yet).
+    Layer 0's length is the unpruned one that ``generate()`` and the mask builder read."""
+    if cache is None:
+        return 0
+    try:
+        return int(cache.get_seq_length(layer))
+    except (IndexError, KeyError):
+        return 0
+
+
 def row_meta(per_row: list[list[ImageLayout]]) -> dict[str, torch.Tensor]:
     """Per-sample geometry of every original visual token, images of a sample concatenated:
     dict of (B, N_max) tensors (padding -1), keyed by :data:`~tokenprune.core.stage.META`."""

@@ -61,19 +61,10 @@ from ..adapters.base import Anatomy
 from ..core.hooks import HookSet, bind
 from ..core.scoring import apply_rope
 from ..core.stage import Stage
-from ..core.state import ForwardState
+from ..core.state import ForwardState, cache_length
 from ..core.trace import ExitRecord, Trace
 from ..errors import MethodArgumentError
 from .base import Method, register
-
-
-def _past(cache: Any, layer: int) -> int:
-    if cache is None:
-        return 0
-    try:
-        return int(cache.get_seq_length(layer))
-    except (IndexError, KeyError):
-        return 0
 
 
 def _similarity(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -211,7 +202,7 @@ class EarlyExit(Method):
         vision_layers = anatomy.vision.num_layers
 
         def start(mod, kw):
-            if _past(kw.get("past_key_values"), 0) == 0:  # prefill (the pre-LLM hook made a new trace)
+            if cache_length(kw.get("past_key_values"), 0) == 0:  # prefill (the pre-LLM hook made a new trace)
                 rec = _record(state)
                 if rec is not None:
                     rec.num_layers = n
@@ -243,7 +234,7 @@ class EarlyExit(Method):
             def run(original, args, kwargs):
                 kw = bind(layer, args, kwargs)
                 hs = kw["hidden_states"]
-                if hs.shape[1] != 1 or _past(kw.get("past_key_values"), j) == 0:
+                if hs.shape[1] != 1 or cache_length(kw.get("past_key_values"), j) == 0:
                     return original(*args, **kwargs)  # prefill / multi-token steps: full depth
                 if j == first or rt.step is None:
                     b = hs.shape[0]
