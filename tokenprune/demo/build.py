@@ -63,12 +63,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def text_config(tok: PreTrainedTokenizerFast, layers: int = 8, hidden: int = 128,
-                ffn: int = 384) -> LlamaConfig:
-    """Llama-style LM: RoPE, GQA (4 query heads / 2 KV heads), untied head."""
+                ffn: int = 384, tie: bool = False) -> LlamaConfig:
+    """Llama-style LM: RoPE, GQA (4 query heads / 2 KV heads), head tied to the input embeddings if ``tie``."""
     return LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+        rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
@@ -127,7 +127,7 @@ def llava_next_processor(tok: PreTrainedTokenizerFast) -> LlavaNextProcessor:
 VIT_LABELS = [str(i) for i in range(1, MAX_SHAPES + 1)]  # ViT task: number of shapes in the image
 
 
-def vit_config(hidden: int = 96, layers: int = 4) -> ViTConfig:
+def vit_config(hidden: int = 64, layers: int = 10) -> ViTConfig:
     """``ViTForImageClassification`` config: 112 px, patch 8 (196 tokens + CLS), 5 classes (1-5 shapes)."""
     return ViTConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                      num_attention_heads=4, image_size=VISION_SIZE, patch_size=PATCH,
