@@ -97,3 +97,17 @@ def test_prompt_and_score():
     assert iou([0, 0, 0.5, 1], [0.5, 0, 1, 1]) == 0.0
     with pytest.raises(ValueError, match="kind"):
         score("caption", "x", ex)
+
+
+def test_tokenizer_keeps_object_names_whole_and_round_trips_answers():
+    from tokenprune.demo import build
+
+    tok = build.build_tokenizer()
+    words = tok.convert_ids_to_tokens(tok("Where is the Red Circle?").input_ids)
+    assert words == ["<s>", "where", "is", "the", "red_circle", "?"]
+    assert "<unk>" not in tok.convert_ids_to_tokens(tok(prompt("How many circles are there?")).input_ids)
+    for ex in shapes("test", n=25, seed=3):
+        ids = tok(ex["question"] + " " + ex["answer"], add_special_tokens=False).input_ids
+        assert tok.unk_token_id not in ids, ex["question"]
+        answer_ids = tok(ex["answer"], add_special_tokens=False).input_ids
+        assert score(ex["kind"], tok.decode(answer_ids), ex) == 1.0, ex["answer"]
