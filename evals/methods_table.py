@@ -1,0 +1,101 @@
+"""One results table for every token method on a fixture: the LLM-stage rows of ``evals/llm_methods.py``
+and the vision-stage rows of ``evals/vision_methods.py`` (issues #4 and #5), mean accuracy and
+per-question-type accuracy at each budget, side by side.
+
+Both scripts give ``budget`` the same meaning for a pre-LLM method (share of visual tokens reaching the
+LLM), and ``llm_methods`` also uses it for LLM-stage methods (mean over decoder layers of the visual tokens
+entering a layer), so a column compares methods at equal visual-token compute in the LLM.
+
+``python evals/methods_table.py --llm evals/results/llm_methods_llava.json
+--vision evals/results/vision_methods_llava.json --kind llava --out evals/results/methods_llava``
+writes ``<out>.md`` (and prints it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+KINDS = ("attribute", "counting", "existence", "localization", "box")
+
+
+def rows_from_llm(data: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """``(label, budget, accuracy)`` rows of an ``llm_methods`` result (paper-setting rows left out)."""
+    rows = []
+    for r in data["rows"]:
+        if "paper" in r["label"]:
+            continue
+        rows.append({"label": r["label"], "budget": r["budget"], "acc": r.get("accuracy") or None})
+    return rows, int(data["meta"]["n"])
+
+
+def rows_from_vision(data: dict[str, Any], kind: str) -> tuple[list[dict[str, Any]], int]:
+    """Rows of a ``vision_methods`` result for one fixture (``rounds`` > 1 is named in the label)."""
+    rows = []
+    for r in data["vlm"].get(kind, []):
+        if r.get("method") in (None, "unpruned"):
+            continue
+        label = r["method"] + (" (tower)" if r["method"] == "tome" else "")
+        acc = None if "error" in r else {k: r[k] for k in (*KINDS, "mean")}
+        rows.append({"label": label, "budget": r["budget"], "acc": acc,
+                     "note": f"rounds={r['rounds']}" if (r.get("rounds") or 1) > 1 else ""})
+    return rows, int(data["n"])
+
+
+def markdown(llm: list[dict[str, Any]], n_llm: int, vis: list[dict[str, Any]], n_vis: int, kind: str) -> str:
+    budgets = sorted({r["budget"] for r in llm + vis if r["budget"] is not None}, reverse=True)
+    labels = list(dict.fromkeys(r["label"] for r in llm + vis if r["budget"] is not None))
+    cell = {(r["label"], r["budget"]): r for r in llm + vis}
+    unpruned = next(r for r in llm if r["budget"] is None)["acc"]
+    lines = [f"# Token methods on the {kind} fixture: mean accuracy % by budget",
+             "",
+             f"LLM-stage rows and random / uniform: `evals/llm_methods.py`, n = {n_llm}; vision-stage rows (hired, "
+             f"visionzip, tome in the tower): `evals/vision_methods.py`, n = {n_vis}. Unpruned: {unpruned['mean']} "
+             f"(n = {n_llm}). \"—\": budget unreachable for that method on this model (the library's typed error).",
+             "",
+             "| budget | " + " | ".join(labels) + " |",
+             "|---|" + "---|" * len(labels)]
+    for b in budgets:
+        out = []
+        for label in labels:
+            r = cell.get((label, b))
+            if r is None:
+                out.append("")
+            elif r["acc"] is None:
+                out.append("—")
+            else:
+                out.append(f"{r['acc']['mean']}" + (f" ({r['note']})" if r.get("note") else ""))
+        lines.append(f"| {b} | " + " | ".join(out) + " |")
+    lines += ["", "Per question type (attribute / counting / existence / localization / box):", "",
+              "| method | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets),
+              "| unpruned | " + " / ".join(str(unpruned[k]) for k in KINDS) + " (all budgets) |"
+              + " |" * (len(budgets) - 1)]
+    for label in labels:
+        out = []
+        for b in budgets:
+            r = cell.get((label, b))
+            out.append("—" if r is None or r["acc"] is None else " / ".join(str(r["acc"][k]) for k in KINDS))
+        lines.append(f"| {label} | " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--llm", required=True, help="llm_methods JSON")
+    ap.add_argument("--vision", required=True, help="vision_methods JSON")
+    ap.add_argument("--kind", default="llava", choices=["llava", "llava_next"])
+    ap.add_argument("--out", default="results/methods_llava")
+    args = ap.parse_args()
+    with open(args.llm) as f:
+        llm, n_llm = rows_from_llm(json.load(f))
+    with open(args.vision) as f:
+        vis, n_vis = rows_from_vision(json.load(f), args.kind)
+    text = markdown(llm, n_llm, vis, n_vis, args.kind)
+    with open(args.out + ".md", "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
