@@ -16,22 +16,23 @@ def _attention_of(layer: nn.Module) -> nn.Module:
     raise AttributeError(f"{type(layer).__name__} has no attention child with q_proj/k_proj")
 
 
+def _first_child(layer: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
+    """The first of ``names`` that ``layer`` has (the CLIP/SigLIP name, then the ViT one)."""
+    for name in names:
+        child = getattr(layer, name, None)
+        if child is not None:
+            return child
+    raise AttributeError(f"{type(layer).__name__} has no {what}")
+
+
 def _input_norm_of(layer: nn.Module) -> nn.Module:
     """The norm applied before attention (CLIP/SigLIP ``layer_norm1``, ViT ``layernorm_before``)."""
-    for name in ("layer_norm1", "layernorm_before"):
-        norm = getattr(layer, name, None)
-        if norm is not None:
-            return norm
-    raise AttributeError(f"{type(layer).__name__} has no pre-attention norm")
+    return _first_child(layer, ("layer_norm1", "layernorm_before"), "pre-attention norm")
 
 
 def _mlp_norm_of(layer: nn.Module) -> nn.Module:
     """The norm applied before the MLP (CLIP/SigLIP ``layer_norm2``, ViT ``layernorm_after``)."""
-    for name in ("layer_norm2", "layernorm_after"):
-        norm = getattr(layer, name, None)
-        if norm is not None:
-            return norm
-    raise AttributeError(f"{type(layer).__name__} has no pre-MLP norm")
+    return _first_child(layer, ("layer_norm2", "layernorm_after"), "pre-MLP norm")
 
 
 def _find_layers(encoder: nn.Module) -> nn.ModuleList:
