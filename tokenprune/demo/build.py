@@ -74,11 +74,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def text_config(tok: PreTrainedTokenizerFast, layers: int = 8, hidden: int = 128,
-                ffn: int = 384, tie: bool = False) -> LlamaConfig:
+                ffn: int = 384, tie: bool = False, rope_theta: float = 10000.0) -> LlamaConfig:
     """Llama-style LM: RoPE, GQA (4 query heads / 2 KV heads), head tied to the input embeddings if ``tie``."""
     return LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rope_theta=rope_theta,
         rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
