@@ -1,0 +1,79 @@
+"""The fixture training's auxiliary attention targets (evals/fixtures/common.py): the attention they train
+is the attention the model computes, and the QA encoding marks the right tokens."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "evals" / "fixtures"))
+import common as C  # noqa: E402
+
+from tokenprune.demo import build as B  # noqa: E402
+from tokenprune.demo import generator as S  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return B.build_tokenizer()
+
+
+def _scene_batch(tok, n_img: int = 12):
+    objs, qas = None, []
+    for i in range(50):  # a scene with a counting question among its turns
+        _, objs, rng = S.make_scene("val", 3, i)
+        qas = C.sample_qas(objs, rng, 8, {"counting": 1.0, "localization": 1.0})
+        if any(q["kind"] == "counting" for q in qas) and any("target" in q for q in qas):
+            break
+    return objs, qas, C.collate([C.encode_turns(tok, qas, n_img, objs)], tok.pad_token_id)
+
+
+def test_encode_turns_marks_naming_word_and_counted_objects(tok):
+    objs, qas, t = _scene_batch(tok)
+    ids = t["input_ids"][0]
+    assistant = tok.convert_tokens_to_ids("assistant:")
+    marked = (t["cnt"][0] >= 0).nonzero().flatten().tolist()
+    counting = [q for q in qas if q["kind"] == "counting"]
+    assert len(marked) == len(counting)
+    for pos, qa in zip(marked, counting, strict=True):
+        assert ids[pos] == assistant and t["labels"][0, pos + 1] != -100  # last prompt token of its turn
+        mask = int(t["cnt"][0, pos])
+        assert bin(mask).count("1") == int(qa["answer"])
+        word = qa["question"].split()[2][:-1]
+        assert all(word == "shape" or objs[i]["shape"] == word for i in range(len(objs)) if mask >> i & 1)
+    for pos in (t["ptr"][0] >= 0).nonzero().flatten().tolist():
+        assert int(ids[pos]) in C.naming_ids(tok)
+
+
+def test_attention_target_logits_equal_eager_attention(tok):
+    torch.manual_seed(0)
+    cfg = B.text_config(tok, layers=3, hidden=64)
+    cfg._attn_implementation = "eager"
+    lm = LlamaForCausalLM(cfg).eval()
+    aux = C.AttentionTargets(lm.model, (0, 1), [0, 1], count=(2, [3]))
+    ids = torch.randint(5, len(tok), (2, 30))
+    with torch.no_grad():
+        out = lm(input_ids=ids, output_attentions=True)
+    b_idx, q_idx = torch.tensor([0, 1, 1]), torch.tensor([29, 7, 18])
+    for layer, heads in ((0, [0, 1]), (1, [0]), (2, [3])):
+        lg = aux.logits(layer, heads, b_idx, q_idx)
+        causal = torch.arange(30)[None, None] <= q_idx[:, None, None]
+        got = torch.softmax(lg.masked_fill(~causal, -1e9), -1)
+        want = out.attentions[layer][b_idx, :, q_idx][:, heads]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_count_target_is_zero_only_for_even_attention_on_sink_and_counted_centres():
+    allowed = torch.ones(1, 6, dtype=torch.bool)
+    hit = torch.tensor([[True, False, True, False, True, False]])
+    even = torch.where(hit, 0.0, -30.0)[:, None]  # (n, H=1, L)
+    assert float(C._target_kl(even, allowed, hit)) == pytest.approx(0.0, abs=1e-6)
+    skewed = torch.tensor([[[2.0, -30.0, 0.0, -30.0, 0.0, -30.0]]])
+    assert float(C._target_kl(skewed, allowed, hit)) > 0.1
+    np.testing.assert_array_equal(C.counted_mask({"question": "How many shapes are there?", "answer": "2"},
+                                                 [{"shape": "circle"}, {"shape": "square"}]), 3)
