@@ -77,3 +77,28 @@ def test_count_target_is_zero_only_for_even_attention_on_sink_and_counted_centre
     assert float(C._target_kl(skewed, allowed, hit)) > 0.1
     np.testing.assert_array_equal(C.counted_mask({"question": "How many shapes are there?", "answer": "2"},
                                                  [{"shape": "circle"}, {"shape": "square"}]), 3)
+
+
+def test_losses_reach_the_target_heads_only_when_asked(tok):
+    torch.manual_seed(0)
+    cfg = B.text_config(tok, layers=3, hidden=64)
+    lm = LlamaForCausalLM(cfg)
+    objs, _, t = _scene_batch(tok)
+    img_id = tok.convert_tokens_to_ids("<image>")
+    who = torch.full((1, 12), -1)
+    who[0, : len(objs)] = torch.arange(len(objs))  # one image token per object, used as its centre as well
+    t["who"] = t["ctr"] = C.who_per_position(t["input_ids"], img_id, who)
+    for count in ((2, [1]), None):
+        aux = C.AttentionTargets(lm.model, (0, 1), [0], count=count)
+        lm.zero_grad()
+        lm(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
+        ptr, copy, cnt = aux.losses(t)
+        assert ptr.item() > 0 and copy.item() > 0
+        (ptr + copy + cnt).backward()
+        grad = lm.model.layers[2].self_attn.q_proj.weight.grad
+        if count is None:
+            assert cnt.item() == 0 and grad is None
+        else:
+            assert cnt.item() > 0 and grad is not None and float(grad.abs().sum()) > 0
+        for layer in lm.model.layers:
+            layer.self_attn._forward_pre_hooks.clear()
