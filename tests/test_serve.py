@@ -13,17 +13,13 @@ import base64
 import http.client
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 import tiny
 import torch
+from server_process import serve_process
 
 import tokenprune
 from tokenprune import demo
@@ -33,7 +29,6 @@ pytest.importorskip("uvicorn")
 
 from tokenprune.serve.protocol import Limits, parse_chat, render_messages  # noqa: E402
 
-REPO = Path(tokenprune.__file__).resolve().parents[1]
 MAX_PIXELS = 250_000
 MAX_BODY = 2_000_000
 QUESTION = "What color is the triangle?"
@@ -49,12 +44,6 @@ def user(url: str | list[str], text: str = QUESTION) -> list[dict]:
     urls = [url] if isinstance(url, str) else url
     parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
     return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bundled() -> bool:
@@ -76,38 +65,13 @@ def model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     """A ``python -m tokenprune.serve`` process; yields its base URL and model name."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [
-        sys.executable, "-m", "tokenprune.serve", "--model", model_dir, "--method", "pdrop", "--budget", "0.2",
-        "--port", str(port), "--threads", "1", "--max-pixels", str(MAX_PIXELS), "--batch-window-ms", "50",
-        "--served-model-name", "tiny-llava", "--max-body-bytes", str(MAX_BODY), "--max-images", "2",
-        "--max-tokens", "100000",
+    args = [
+        "--model", model_dir, "--method", "pdrop", "--budget", "0.2", "--threads", "1",
+        "--max-pixels", str(MAX_PIXELS), "--batch-window-ms", "50", "--served-model-name", "tiny-llava",
+        "--max-body-bytes", str(MAX_BODY), "--max-images", "2", "--max-tokens", "100000",
     ]  # fmt: skip
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if json.loads(r.read())["status"] == "ok":
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not come up:\n{log.read_text()}")
-        time.sleep(0.2)
-    yield {"base": base, "model": "tiny-llava", "port": port, "proc": proc}
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with serve_process(args, tmp_path_factory.mktemp("serve") / "server.log") as srv:
+        yield {**srv, "model": "tiny-llava"}
 
 
 @pytest.fixture(scope="module")
