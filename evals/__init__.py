@@ -1,7 +1,8 @@
-"""tokenprune's evaluation harness (issue #6).
+"""tokenprune's evaluation harness (issue #6); installed as ``tokenprune.evals`` (``evals`` in a checkout).
 
 ``tokenprune-eval --model bundled:llava --task shapes --methods none,random,fastv --budgets 0.2 --out results/``
-(also ``python -m evals ...`` and ``accelerate launch -m evals ...``). Modules, one job each:
+(also ``python -m tokenprune.evals ...``, ``python -m evals ...`` in a checkout, and ``accelerate launch -m
+tokenprune.evals ...``). Modules, one job each:
 
 * :mod:`evals.metrics` -- lmms-eval's scoring rules (VQA soft accuracy, exact match, POPE, RefCOCO REC).
 * :mod:`evals.data`, :mod:`evals.tasks` -- local benchmark files and the bundled ``shapes`` task.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -59,7 +58,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overlays", type=int, default=4, help="example images with kept-token overlays")
     p.add_argument("--prompt-style", choices=["auto", "llava", "chat"], default="auto",
                    help="auto: the processor's chat template if it has one, else LLaVA-1.5's")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per process (default 1: the fixtures' ops are tiny and extra threads "
+                        "mostly add synchronisation; 2 threads ran >6x slower on a busy 2-core machine); "
+                        "0: torch's default")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -72,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
     from .harness import EvalConfig, run
 
     methods = args.methods if "none" in args.methods else ["none", *args.methods]
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(cfg)
     if results is not None:
         print((Path(args.out) / "results.md").read_text())
-        print(f"wrote {Path(args.out) / 'results.json'}, results.md, plots/, overlays/")
+        print("wrote:", *results["files"], sep="\n  ")
     return 0
 
 

@@ -1,5 +1,6 @@
 """``tokenprune demo``: the bundled LLaVA fixture, unpruned and a few methods at budget 0.2 on a few
-hundred shapes test questions; prints the table and writes results, plots and overlays. No download."""
+hundred shapes test questions; prints the table and the files it wrote (results, plots, overlays; under
+``results/demo`` by default). No download."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ DEMO_METHODS = ("random", "uniform", "fastv", "pdrop", "feather")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's options."""
-    p.add_argument("--out", type=Path, default=Path("tokenprune-demo"), help="output folder")
+    p.add_argument("--out", type=Path, default=Path("results/demo"), help="output folder (default results/demo)")
     p.add_argument("--model", default="bundled:llava", help="bundled:llava (default), bundled:llava_next or a folder")
     p.add_argument("--n", type=int, default=300, help="shapes test questions (default 300)")
     p.add_argument("--budget", type=float, default=0.2)
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from .harness import EvalConfig
     from .harness import run as run_eval
+    from .results import NOISY_SPREAD
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,30 +58,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      repeats=3, warmup=1, overlays=4, progress=not args.no_progress)
     results = run_eval(cfg)
     print(_table(results))
-    print(f"\nfull tables: {args.out / 'results.md'}; JSON: {args.out / 'results.json'}")
-    print(f"plots: {args.out / 'plots'}; kept-token overlays: {args.out / 'overlays' / 'shapes_overlays.png'}")
+    print(LEGEND.format(n=args.latency_samples, threads=torch.get_num_threads(), noisy=NOISY_SPREAD))
+    print("wrote:", *results["files"], sep="\n  ")
     print(f"demo took {time.perf_counter() - t0:.0f} s")
     return results
 
 
+LEGEND = """
+accuracy in % per question type ("all": their mean over the questions); none: the unpruned model.
+FLOPs %: prefill compute (vision tower + projector + LLM prefill + LM head, analytic) in % of the unpruned model's.
+speed-up: measured prefill time of the unpruned model over this one (per question the median of 3 repeats, then
+the median over {n} questions; batch 1, {threads} thread(s)); *: noisy, the repeats of this or the unpruned cell
+spread by more than {noisy:.0%} of their median. ideal: the speed-up if time fell with FLOPs (100 / FLOPs %).
+"""
+
+
 def _table(results: dict[str, Any]) -> str:
-    """A compact terminal table: accuracy per question type, FLOPs ratio, measured speed-up."""
+    """A compact terminal table: accuracy % per question type, FLOPs %, measured and ideal speed-up."""
+    from .results import status_text
+
     cells = [c for c in results["cells"] if c.get("status") == "ok"]
     kinds = sorted({k for c in cells for k in c["metrics"]["by_kind"]})
-    head = ["method", "budget", "all", *kinds, "FLOPs", "speed-up", "ideal"]
+    head = ["method", "budget", "all", *kinds, "FLOPs %", "speed-up", "ideal"]
     rows = [head]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    times = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
     for c in results["cells"]:
         b = "-" if c["budget"] is None else f"{c['budget']:g}"
         if c.get("status") != "ok":
-            rows.append([c["method"], b, "error: " + str(c.get("error"))[:60]])
+            rows.append([c["method"], b, status_text(c)])
             continue
         rel = c.get("relative") or {}
-        fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
         by_kind = c["metrics"]["by_kind"]
-        rows.append([c["method"], b, fmt(c["metrics"]["accuracy"]), *[fmt(by_kind.get(k)) for k in kinds],
-                     fmt(rel.get("flops_ratio")), fmt(rel.get("speedup_prefill"), "{:.2f}x"),
-                     fmt(rel.get("ideal_speedup"), "{:.2f}x")])
-    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(head))]
+        rows.append([c["method"], b, pct(c["metrics"]["accuracy"]), *[pct(by_kind.get(k)) for k in kinds],
+                     pct(rel.get("flops_ratio")), times(rel.get("speedup_prefill")) + ("*" if rel.get("noisy") else ""),
+                     times(rel.get("ideal_speedup"))])
+    widths = [max(len(r[i]) for r in rows if len(r) == len(head)) for i in range(len(head))]
     lines = ["  ".join(v.ljust(widths[i]) for i, v in enumerate(r)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 import tokenprune
+from tokenprune.errors import BudgetError
 
 from . import latency as L
 from .dist import Dist
@@ -94,7 +95,8 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def run(cfg: EvalConfig) -> dict[str, Any] | None:
     """Run every cell (skipping finished ones), then write results.json / results.md / plots on the
-    main process. Returns the results object there (None on other processes)."""
+    main process. Returns the results object there (None on other processes), with ``files``: the paths
+    this call wrote (results.json and the reports; not saved in results.json)."""
     dist = Dist(cfg.device)
     out = Path(cfg.out)
     device = dist.device(cfg.device)
@@ -121,11 +123,12 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
         return None
     results = assemble(_run_info(cfg, dist, device), cells, skipped)
     write_json(out / "results.json", results)
+    files = [out / "results.json"]
     if cfg.report:
         from .report import write_reports
 
-        write_reports(results, out)
-    return results
+        files += write_reports(results, out)
+    return {**results, "files": files}
 
 
 def _run_cell(cfg: EvalConfig, dist: Dist, model: Any, processor: Any, task: Any, docs: list[dict[str, Any]],
@@ -142,28 +145,37 @@ def _run_cell(cfg: EvalConfig, dist: Dist, model: Any, processor: Any, task: Any
     shard = [(i, docs[i]) for i in dist.shard(len(docs))]
     part = path.parent / ".parts" / f"{cell_name(method, budget)}.rank{dist.rank}.json"
     bar = _progress(len(shard), f"{task.name} {cell_name(method, budget)}", cfg.progress and dist.is_main)
-    error = None
+    error, minimum = None, None
     try:
         records = run_docs(model, processor, task, shard, method, budget, opts, bar)
     except Exception as e:  # noqa: BLE001 - one failing method must not end the run
         records, error = [], f"{type(e).__name__}: {e}"
-        log.warning("%s %s failed: %s", task.name, cell_name(method, budget), error)
+        minimum = e.minimum if isinstance(e, BudgetError) else None
+        if minimum is None:
+            log.warning("%s %s failed: %s", task.name, cell_name(method, budget), error)
+        else:  # a budget the method cannot reach on this model: reported as n/a, not as a failure
+            log.info("%s %s: n/a, the budget must exceed %.3f on this model", task.name, cell_name(method, budget),
+                     minimum)
     finally:
         if bar is not None:
             bar.close()
-    write_json(part, {"records": records, "error": error})
+    write_json(part, {"records": records, "error": error, "min_budget": minimum})
     dist.barrier()
     cell: dict[str, Any] = {"task": task.name, "method": method, "budget": budget, "fingerprint": fp}
     if dist.is_main:
-        merged, errors = [], []
+        merged, errors, minima = [], [], []
         for r in range(dist.world):
             p = path.parent / ".parts" / f"{cell_name(method, budget)}.rank{r}.json"
             shard_out = json.loads(p.read_text())
             merged.extend(shard_out["records"])
             if shard_out["error"]:
                 errors.append(shard_out["error"])
+            if shard_out.get("min_budget") is not None:
+                minima.append(shard_out["min_budget"])
             p.unlink()
-        if errors:
+        if minima:
+            cell.update(status="unreachable", error=errors[0], min_budget=max(minima))
+        elif errors:
             cell.update(status="error", error=errors[0])
         else:
             merged.sort(key=lambda r: r["index"])
@@ -188,7 +200,7 @@ def _latency(cfg: EvalConfig, model: Any, processor: Any, task: Any, docs: list[
 
 
 def _save_overlay_images(out: Path, task: str, docs: list[dict[str, Any]]) -> None:
-    folder = out / "overlays" / "images" / task
+    folder = out / "inputs" / task
     folder.mkdir(parents=True, exist_ok=True)
     for i, d in enumerate(docs):
         d["image"].save(folder / f"{i}.png")

@@ -9,6 +9,8 @@ around every timed region.
 * ``decode_tokens_per_s``: ``(new_tokens - 1) / (e2e_s - prefill_s)``.
 * ``kv_cache_bytes``: bytes of keys and values in the cache the prefill leaves (pruning-aware).
 * ``peak_memory_bytes``: ``torch.cuda.max_memory_allocated`` during one generate (None on CPU).
+* ``prefill_s_min``: the fastest repeat (median over docs); ``prefill_spread``: (slowest - fastest) / median
+  of a doc's repeats (median over docs); above ``evals.results.NOISY_SPREAD`` the timing is noise-dominated.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def measure(model: Any, processor: Any, docs: list[dict[str, Any]], new_tokens: 
             prompt_style: str = "auto") -> dict[str, Any]:
     """Median latencies over ``docs`` (each: ``warmup`` untimed runs, then the median of ``repeats``)."""
     tok = getattr(processor, "tokenizer", processor)
-    per_doc: dict[str, list[float]] = {k: [] for k in ("vision_s", "prefill_s", "e2e_s", "decode_tokens_per_s")}
+    per_doc: dict[str, list[float]] = {k: [] for k in ("vision_s", "prefill_s", "e2e_s", "decode_tokens_per_s",
+                                                       "prefill_s_min", "prefill_spread")}
     kv, peak = [], []
     cuda = str(device).startswith("cuda") and torch.cuda.is_available()
     gen_kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -119,6 +122,8 @@ def measure(model: Any, processor: Any, docs: list[dict[str, Any]], new_tokens: 
         p, e = statistics.median(pre), statistics.median(e2e)
         per_doc["vision_s"].append(statistics.median(vis))
         per_doc["prefill_s"].append(p)
+        per_doc["prefill_s_min"].append(min(pre))
+        per_doc["prefill_spread"].append((max(pre) - min(pre)) / p if p > 0 else 0.0)
         per_doc["e2e_s"].append(e)
         per_doc["decode_tokens_per_s"].append((new_tokens - 1) / (e - p) if new_tokens > 1 and e > p else float("nan"))
         kv.append(kv_b)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from .results import cell_path
+from .results import NOISY_SPREAD, cell_path, status_text
+
+log = logging.getLogger("tokenprune.evals")
 
 
 def _f(v: Any, fmt: str = "{:.3f}") -> str:
@@ -41,7 +44,7 @@ def markdown(results: dict[str, Any]) -> str:
         for c in cells:
             budget = "–" if c["budget"] is None else f"{c['budget']:g}"
             if c.get("status") != "ok":
-                lines.append(f"| {c['method']} | {budget} | error: {c.get('error', '')[:80]} |")
+                lines.append(f"| {c['method']} | {budget} | {status_text(c)} |")
                 continue
             m, rel, lat = c["metrics"], c.get("relative") or {}, c.get("latency") or {}
             row = [c["method"], budget, _f(m["accuracy"]), _f(rel.get("accuracy_pct"), "{:.1f}"),
@@ -49,11 +52,16 @@ def markdown(results: dict[str, Any]) -> str:
                    _f(c.get("visual_tokens_layer_mean"), "{:.1f}"), _f(c.get("realized_budget"), "{:.3f}"),
                    _f(c["flops_macs"]["prefill_total"] / 1e9, "{:.4f}"), _f(rel.get("flops_ratio")),
                    _f(rel.get("llm_flops_ratio")), _f(lat.get("prefill_s") and lat["prefill_s"] * 1e3, "{:.2f}"),
-                   _f(rel.get("speedup_prefill"), "{:.2f}x"), _f(rel.get("ideal_speedup"), "{:.2f}x"),
+                   _f(rel.get("speedup_prefill"), "{:.2f}x") + ("*" if rel.get("noisy") else ""),
+                   _f(rel.get("ideal_speedup"), "{:.2f}x"),
                    _f(rel.get("speedup_over_ideal"), "{:.2f}"), _f(lat.get("e2e_s") and lat["e2e_s"] * 1e3, "{:.1f}"),
                    _f(lat.get("decode_tokens_per_s"), "{:.1f}"),
                    _f(lat.get("kv_cache_bytes") and lat["kv_cache_bytes"] / 2**20, "{:.3f}")]
             lines.append("| " + " | ".join(row) + " |")
+        if any((c.get("relative") or {}).get("noisy") for c in cells):
+            lines += ["", f"\\* noisy timing: the prefill repeats of this or the unpruned cell spread by more than "
+                          f"{NOISY_SPREAD:.0%} of their median (`prefill_spread` in results.json); not a speed-up "
+                          "to quote."]
         extra = [c for c in cells if c.get("status") == "ok" and ("pope" in c["metrics"] or "rec" in c["metrics"])]
         if extra:
             lines += ["", "| method | budget | POPE acc | P | R | F1 | yes-ratio | REC IoU | Acc@0.5 | Center acc |",
@@ -79,7 +87,7 @@ def _plt():
 
 def plots(results: dict[str, Any], folder: Path) -> list[Path]:
     """Per task: accuracy vs relative FLOPs (one line per method, Pareto view) and accuracy vs measured
-    prefill speed-up. Needs matplotlib (the ``eval`` extra)."""
+    prefill speed-up (when the run was timed). Needs matplotlib (the ``eval`` extra)."""
     plt = _plt()
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -88,6 +96,8 @@ def plots(results: dict[str, Any], folder: Path) -> list[Path]:
         base = next((c for c in cells if c["method"] == "none"), None)
         for key, xlabel, fname in (("flops_ratio", "prefill FLOPs relative to unpruned", "acc_vs_flops"),
                                    ("speedup_prefill", "measured prefill speed-up (x)", "acc_vs_speedup")):
+            if not any(c["relative"].get(key) is not None for c in cells):
+                continue
             fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
             for method in dict.fromkeys(c["method"] for c in cells if c["method"] != "none"):
                 pts = sorted((c["relative"][key], c["metrics"]["accuracy"]) for c in cells
@@ -124,7 +134,7 @@ def overlays(out: Path, results: dict[str, Any], budget: float | None = None) ->
     plt = _plt()
     written = []
     for task in dict.fromkeys(c["task"] for c in results["cells"]):
-        img_dir = out / "overlays" / "images" / task
+        img_dir = out / "inputs" / task
         if not img_dir.is_dir():
             continue
         budgets = sorted({c["budget"] for c in results["cells"] if c["task"] == task and c["budget"] is not None})
@@ -159,6 +169,7 @@ def overlays(out: Path, results: dict[str, Any], budget: float | None = None) ->
                     ax.text(0, h + 4, question[:60], fontsize=6, va="top")
         fig.tight_layout()
         path = out / "overlays" / f"{task}_overlays.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
         plt.close(fig)
         written.append(path)
@@ -199,16 +210,13 @@ def _overlay(img, rec: dict[str, Any], h: int, w: int):
     return out
 
 
-def write_reports(results: dict[str, Any], out: Path) -> dict[str, Any]:
-    """results.md, and (with matplotlib) plots/*.png and overlays/*.png. Returns what was written."""
+def write_reports(results: dict[str, Any], out: Path) -> list[Path]:
+    """results.md, and (with matplotlib) plots/*.png and overlays/*.png. Returns the paths written."""
     out = Path(out)
     (out / "results.md").write_text(markdown(results))
-    written: dict[str, Any] = {"markdown": str(out / "results.md"), "plots": [], "overlays": []}
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        written["note"] = "matplotlib missing: pip install 'tokenprune-vlm[eval]' for plots and overlays"
-        return written
-    written["plots"] = [str(p) for p in plots(results, out / "plots")]
-    written["overlays"] = [str(p) for p in overlays(out, results)]
-    return written
+        log.warning("no plots or overlays: matplotlib is missing (pip install 'tokenprune-vlm[eval]')")
+        return [out / "results.md"]
+    return [out / "results.md", *plots(results, out / "plots"), *overlays(out, results)]

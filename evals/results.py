@@ -7,28 +7,34 @@ Layout of ``--out``::
     results.json                          every cell + relative numbers (schema below)
     results.md                            the tables
     plots/<task>_acc_vs_flops.png, plots/<task>_acc_vs_speedup.png
-    overlays/<task>_overlays.png
+    overlays/<task>_overlays.png          kept tokens per method drawn on example inputs
+    inputs/<task>/<i>.png, <i>.txt        those example inputs (image, question)
 
 ``results.json`` (``schema: "tokenprune.evals/1"``)::
 
     {"schema", "created", "run": {model, tasks, methods, budgets, limit, seed, device, dtype,
      attn_implementation, int8, batch_size, max_new_tokens, world_size, versions, flops_convention},
      "skipped_methods": {method: reason},
-     "cells": [{"task", "method", "budget", "status": "ok"|"error", "error",
+     "cells": [{"task", "method", "budget", "status": "ok"|"error"|"unreachable", "error",
+                "min_budget",                                  # unreachable: the budget must exceed it
                 "metrics": {"accuracy", "n", "by_kind", "metric", ["pope"], ["rec"], ...},
                 "flops_macs": {"vision", "projector", "llm_prefill", "lm_head", "prefill_total",
                                "decode_per_token", "total"},          # mean per sample, MACs
                 "visual_tokens_per_layer", "visual_tokens_layer_mean", "unpruned_visual_tokens",
                 "realized_budget", "mean_new_tokens",
-                "latency": {"vision_s", "prefill_s", "e2e_s", "decode_tokens_per_s", "kv_cache_bytes",
-                            "peak_memory_bytes", "samples", "warmup", "repeats", "new_tokens", ...} | null,
+                "latency": {"vision_s", "prefill_s", "prefill_s_min", "prefill_spread", "e2e_s",
+                            "decode_tokens_per_s", "kv_cache_bytes", "peak_memory_bytes", "samples", "warmup",
+                            "repeats", "new_tokens", ...} | null,
                 "relative": {"accuracy_pct", "flops_ratio", "llm_flops_ratio", "ideal_speedup",
-                             "speedup_prefill", "speedup_e2e", "speedup_over_ideal"} | null,
+                             "speedup_prefill", "speedup_prefill_min", "speedup_e2e", "speedup_over_ideal",
+                             "noisy"} | null,
                 "wall_s"}]}
 
 ``flops_ratio`` is prefill_total (vision + projector + LLM prefill + LM head) over the unpruned one;
 ``llm_flops_ratio`` the papers' LLM-prefill-only ratio; ``ideal_speedup = 1 / flops_ratio``;
-``speedup_prefill`` unpruned prefill time over this one; ``speedup_over_ideal`` their quotient.
+``speedup_prefill`` unpruned prefill time over this one (medians; ``speedup_prefill_min`` the same from the
+fastest repeats); ``speedup_over_ideal`` their quotient; ``noisy`` when this cell's or the unpruned cell's
+prefill repeats spread by more than ``NOISY_SPREAD`` of their median.
 """
 
 from __future__ import annotations
@@ -39,6 +45,15 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = "tokenprune.evals/1"
+NOISY_SPREAD = 0.10  # prefill repeats differing by more than this fraction of their median: a noisy cell
+
+
+def status_text(cell: dict[str, Any]) -> str:
+    """What a table shows for a cell without numbers: ``n/a (min budget > X)`` for a budget the method
+    cannot reach on the model, else the error."""
+    if cell.get("status") == "unreachable":
+        return f"n/a (min budget > {cell['min_budget']:.3f})"
+    return f"error: {str(cell.get('error'))[:80]}"
 
 
 def cell_name(method: str, budget: float | None) -> str:
@@ -86,12 +101,17 @@ def relative(cell: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any
         "llm_flops_ratio": llm_ratio,
         "ideal_speedup": 1.0 / ratio if ratio else None,
         "speedup_prefill": None,
+        "speedup_prefill_min": None,
         "speedup_e2e": None,
         "speedup_over_ideal": None,
+        "noisy": None,
     }
     lat, lat0 = cell.get("latency"), base.get("latency")
     if lat and lat0 and lat.get("prefill_s") and lat0.get("prefill_s"):
         out["speedup_prefill"] = lat0["prefill_s"] / lat["prefill_s"]
+        if lat.get("prefill_s_min") and lat0.get("prefill_s_min"):
+            out["speedup_prefill_min"] = lat0["prefill_s_min"] / lat["prefill_s_min"]
+        out["noisy"] = max(lat.get("prefill_spread") or 0.0, lat0.get("prefill_spread") or 0.0) > NOISY_SPREAD
         out["speedup_e2e"] = lat0["e2e_s"] / lat["e2e_s"] if lat.get("e2e_s") else None
         if out["ideal_speedup"]:
             out["speedup_over_ideal"] = out["speedup_prefill"] / out["ideal_speedup"]

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from evals.models import build_prompt, load_model, resolve_dtype
-from evals.runner import method_params
+from tokenprune.evals.models import build_prompt, load_model, resolve_dtype
+from tokenprune.evals.runner import method_params
 
 IMAGE_TOKEN = "<image>"
 

@@ -2,10 +2,11 @@
 ``tokenprune.patch``, registered with ``lm_eval.api.registry.register_model`` when this module is
 imported. lm-eval has no plugin discovery for models, so import it before resolving the name::
 
-    python -m integrations.lm_eval_model --model tokenprune \\
+    python -m tokenprune.integrations.lm_eval_model --model tokenprune \\
         --model_args pretrained=PATH,method=fastv,budget=0.2 --tasks mmmu_val ...   # = lm_eval CLI
 
-or in Python: ``import integrations.lm_eval_model`` then ``lm_eval.simple_evaluate(model="tokenprune", ...)``.
+(``python -m integrations.lm_eval_model`` from a checkout), or in Python:
+``import tokenprune.integrations.lm_eval_model`` then ``lm_eval.simple_evaluate(model="tokenprune", ...)``.
 Requests carry images as ``{"visual": [PIL, ...]}`` (tasks with ``doc_to_image``); text-only requests
 run without an image. ``<image>`` placeholders in the context are dropped (one image, LLaVA prompt).
 """

@@ -8,6 +8,7 @@ instead of 8000, which another process on the machine may hold)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from dataclasses import dataclass
@@ -54,8 +55,8 @@ def blocks(text: str) -> list[Block]:
 
 
 def commands(script: str) -> list[str]:
-    """Shell command lines without blank lines, comment lines and trailing ``  # comments``."""
-    lines = (re.sub(r"\s+#.*$", "", line).strip() for line in script.splitlines())
+    """Shell commands (continued lines joined) without blank lines, comment lines and trailing ``  # comments``."""
+    lines = (re.sub(r"\s+#.*$", "", line).strip() for line in script.replace("\\\n", " ").splitlines())
     return [line for line in lines if line and not line.startswith("#")]
 
 
@@ -86,6 +87,19 @@ def test_readme_blocks_are_parsed():
     assert len(PYTHON) >= 4  # intro, quickstart, early exit, serving client
     marked = [b for b in PYTHON if b.not_run]
     assert len(marked) == NOT_RUN_BLOCKS, [(b.line, b.not_run) for b in marked]
+
+
+def test_readme_eval_command_has_no_failing_cell(tmp_path):
+    """The README's ``tokenprune-eval`` example, on 4 questions without timing: every cell is measured."""
+    from evals.cli import main
+
+    cmd = next(c for b in README_BLOCKS if b.lang == "bash" for c in commands(b.code)
+               if c.startswith("tokenprune-eval"))
+    quick = ["--limit", "4", "--latency-samples", "0", "--overlays", "0", "--no-progress", "--out", str(tmp_path)]
+    assert main([*shlex.split(cmd)[1:], *quick]) == 0
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    assert len(cells) > 6 and all(c["status"] == "ok" for c in cells), [(c["method"], c["budget"], c.get("error"))
+                                                                        for c in cells if c["status"] != "ok"]
 
 
 @pytest.fixture(scope="module")

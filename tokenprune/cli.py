@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .evals.demo import add_arguments
 from .serve import cli as serve_cli
 
 
 def _demo(args: argparse.Namespace) -> int:
-    try:
-        from evals.demo import run
-    except ImportError as e:  # pragma: no cover - evals ships with the package
-        print(f"tokenprune demo needs the evaluation harness (evals): {e}", file=sys.stderr)
-        return 1
+    from .evals.demo import run
+
     run(args)
     return 0
 
@@ -23,12 +21,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenprune", description="Visual-token pruning for Hugging Face VLMs.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="bundled LLaVA fixture: unpruned vs methods at budget 0.2 (no download)")
-    try:
-        from evals.demo import add_arguments
-    except ImportError:  # pragma: no cover
-        add_arguments = None
-    if add_arguments is not None:
-        add_arguments(demo)
+    add_arguments(demo)
     demo.set_defaults(func=_demo)
     serve = sub.add_parser("serve", help=serve_cli.DESCRIPTION, description=serve_cli.DESCRIPTION)
     serve_cli.add_arguments(serve).set_defaults(func=serve_cli.run)

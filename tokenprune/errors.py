@@ -13,7 +13,12 @@ class UnknownMethodError(TokenPruneError, ValueError):
 
 
 class BudgetError(TokenPruneError, ValueError):
-    """``budget`` outside (0, 1], or not reachable by the method on this model."""
+    """``budget`` outside (0, 1], or not reachable by the method on this model. ``minimum`` is the bound the
+    budget must exceed when the budget was unreachable (None otherwise)."""
+
+    def __init__(self, message: str, minimum: float | None = None) -> None:
+        super().__init__(message)
+        self.minimum = minimum
 
 
 class MethodArgumentError(TokenPruneError, TypeError):

@@ -27,7 +27,8 @@ def keep_ratio_from(budget: float, first_pruned: int, depth: int) -> float:
     if budget <= floor:
         raise BudgetError(
             f"budget: {budget} is not reachable when the first {first_pruned} of {depth} layers see every "
-            f"token (minimum above {floor:.3f}); raise the budget or act at an earlier layer"
+            f"token (minimum above {floor:.3f}); raise the budget or act at an earlier layer",
+            minimum=floor,
         )
     return min(1.0, (budget * depth - first_pruned) / (depth - first_pruned))
 
@@ -45,7 +46,8 @@ def earliest_layer(budget: float, preferred: int, depth: int) -> int:
     if layer / depth >= budget:
         raise BudgetError(
             f"budget: {budget} is below what one reduction after layer 0 can reach on a {depth}-layer stack "
-            f"(minimum above {1 / depth:.3f})"
+            f"(minimum above {1 / depth:.3f})",
+            minimum=1 / depth,
         )
     return layer
 

@@ -136,6 +136,7 @@ class Cluster(Method):
         if ratio <= 0:
             raise BudgetError(
                 f"budget: {budget} is not reachable with clusters between layers {self.alpha} and "
-                f"{self.alpha + span} of {depth} (minimum above {1 - span / depth:.3f}); widen alpha..beta"
+                f"{self.alpha + span} of {depth} (minimum above {1 - span / depth:.3f}); widen alpha..beta",
+                minimum=1 - span / depth,
             )
         return cluster_grid(rows, cols, ratio * rows * cols)

@@ -77,7 +77,8 @@ def solve_keep(budget: float, k1: int, k2: int, g: float, depth: int) -> float:
     if budget <= mean_kept(k1, k2, 0.0, g, depth):
         raise BudgetError(
             f"budget: {budget} is not reachable by FEATHER with stages before layers {k1} and {k2} of {depth} "
-            f"(the uniform grid alone gives {mean_kept(k1, k2, 0.0, g, depth):.3f})"
+            f"(the uniform grid alone gives {mean_kept(k1, k2, 0.0, g, depth):.3f})",
+            minimum=mean_kept(k1, k2, 0.0, g, depth),
         )
     lo, hi = 0.0, 1.0
     for _ in range(60):

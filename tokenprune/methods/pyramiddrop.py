@@ -90,7 +90,8 @@ def solve_lam(budget: float, layers: list[int], depth: int) -> float:
     if budget <= layers[0] / depth:
         raise BudgetError(
             f"budget: {budget} is not reachable with PyramidDrop stages before layers {layers} of {depth} "
-            f"(minimum above {layers[0] / depth:.3f})"
+            f"(minimum above {layers[0] / depth:.3f})",
+            minimum=layers[0] / depth,
         )
     lo, hi = 0.0, 1.0
     for _ in range(60):

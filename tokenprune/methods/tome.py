@@ -143,7 +143,8 @@ class ToMe(Method):
                 raise BudgetError(
                     f"budget: {budget} is not reachable by {self.name} merging before tower layers 1..{last} "
                     f"(at most {n - reached} of {n} tokens merged, budget >= {reached / n:.3f}); "
-                    f"raise the budget or set rounds > 1"
+                    f"raise the budget or set rounds > 1",
+                    minimum=reached / n,
                 )
             return sched
         depth = anatomy.vision.num_layers
@@ -152,7 +153,8 @@ class ToMe(Method):
         if reached > budget * n * 1.02:
             raise BudgetError(
                 f"budget: {budget} is not reachable by {self.name} on a {depth}-layer encoder (minimum about "
-                f"{reached / n:.3f}); raise the budget or set rounds > 1"
+                f"{reached / n:.3f}); raise the budget or set rounds > 1",
+                minimum=reached / n,
             )
         return sched
 
