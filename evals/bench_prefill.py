@@ -2,12 +2,13 @@
 
 A randomly initialised LLaVA with LLaVA-1.5-7B's language-model geometry (hidden 4096, 32 heads,
 FFN 11008, MHA, 576 visual tokens from a 336-px / patch-14 grid) and fewer decoder layers on CPU
-(``--layers``, default 6; the real model has 32). The vision tower is a 1-layer, 64-wide CLIP with the
-same 24x24 grid, so the time is the LLM's. Per method it reports:
+(``--layers``, default 8 of the real model's 32, the README's setting; 1 CPU thread by default). The vision
+tower is a 1-layer, 64-wide CLIP with the same 24x24 grid, so the time is the LLM's. Per method it reports:
 
 * ``prefill_s``: fastest of the repeats of ``model(**inputs, logits_to_keep=1)`` (batch 1; on a shared
   CPU the least-disturbed run; the median is kept too), methods measured round-robin (one run of each
-  per round) so machine load drifts hit all of them alike;
+  per round) so machine load drifts hit all of them alike; ``prefill_spread`` = (slowest - fastest) / median
+  of the repeats, and ``noisy`` when it (or the unpruned model's) exceeds ``evals.results.NOISY_SPREAD``;
 * ``ideal_speedup``: unpruned over pruned analytic prefill MACs (:mod:`tokenprune.flops`);
   ``measured_speedup`` and ``measured_over_ideal`` (target >= 0.9);
 * ``overhead_s``: time inside tokenprune's hooks (scoring, selection, gathering, mask and position
@@ -32,6 +33,8 @@ import torch
 import tokenprune
 from tokenprune import flops
 from tokenprune.methods.base import Method, build
+
+from .results import NOISY_SPREAD
 
 DEFAULT_METHODS = ("random", "uniform", "fastv", "pdrop", "feather")
 
@@ -170,7 +173,7 @@ def _one(model: Any, inputs: dict[str, torch.Tensor], method: str, budget: float
         clock.remove()
 
 
-def run(layers: int = 6, methods: list[str] | None = None, budget: float = 0.2, warmup: int = 1, repeats: int = 3,
+def run(layers: int = 8, methods: list[str] | None = None, budget: float = 0.2, warmup: int = 1, repeats: int = 3,
         hidden: int = 4096, heads: int = 32, ffn: int = 11008, image: int = 336, patch: int = 14,
         threads: int | None = None, log: Any = print) -> dict[str, Any]:
     """Run the benchmark and return the result object (see the module docstring)."""
@@ -201,6 +204,7 @@ def run(layers: int = 6, methods: list[str] | None = None, budget: float = 0.2, 
     rows = []
     base_t = min(s["prefill_s"] for s in samples["none"])
     base_med = statistics.median(s["prefill_s"] for s in samples["none"])
+    base_spread = _spread([s["prefill_s"] for s in samples["none"]])
     for m in names:
         if m in errors or not samples[m]:
             rows.append({"method": m, "error": errors.get(m, "no samples")})
@@ -217,6 +221,8 @@ def run(layers: int = 6, methods: list[str] | None = None, budget: float = 0.2, 
             "visual_tokens_per_layer": trace.visual_tokens_per_layer if trace is not None else None,
             "prefill_s": t, "prefill_s_median": t_med, "prefill_s_all": [s["prefill_s"] for s in samples[m]],
             "measured_speedup_median": base_med / t_med,
+            "prefill_spread": _spread([s["prefill_s"] for s in samples[m]]),
+            "noisy": max(base_spread, _spread([s["prefill_s"] for s in samples[m]])) > NOISY_SPREAD,
             "prefill_gmacs": cost.prefill_total / 1e9, "flops_ratio": cost.prefill_total / base_cost.prefill_total,
             "ideal_speedup": ideal, "measured_speedup": base_t / t, "measured_over_ideal": (base_t / t) / ideal,
             "overhead_s": over, "select_s": statistics.median(s["select_s"] for s in samples[m]),
@@ -236,6 +242,11 @@ def run(layers: int = 6, methods: list[str] | None = None, budget: float = 0.2, 
     }
 
 
+def _spread(times: list[float]) -> float:
+    """(slowest - fastest) / median of repeated timings."""
+    return (max(times) - min(times)) / statistics.median(times)
+
+
 def markdown(res: dict[str, Any]) -> str:
     """The result as a markdown table."""
     g = res["geometry"]
@@ -246,19 +257,23 @@ def markdown(res: dict[str, Any]) -> str:
         f"{res['device']}, {res['threads']} threads, {res['dtype']}, {res['attn_implementation']}, batch 1; "
         f"best of {res['repeats']} (after {res['warmup']} warm-up; median-based speed-up in brackets), "
         "methods interleaved.", "",
-        "| method | realized budget | prefill s | FLOPs ratio | ideal speed-up | measured speed-up | measured/ideal "
-        "| hook overhead ms | select ms | overhead % |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | realized budget | prefill s (min / median) | spread | FLOPs ratio | ideal speed-up "
+        "| measured speed-up | measured/ideal | hook overhead ms | select ms | overhead % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["results"]:
         if "error" in r:
             lines.append(f"| {r['method']} | error: {r['error'][:80]} |")
             continue
         lines.append(
-            f"| {r['method']} | {r['realized_budget']:.3f} | {r['prefill_s']:.3f} | {r['flops_ratio']:.3f} | "
-            f"{r['ideal_speedup']:.2f}x | {r['measured_speedup']:.2f}x ({r['measured_speedup_median']:.2f}x) | "
+            f"| {r['method']} | {r['realized_budget']:.3f} | {r['prefill_s']:.3f} / {r['prefill_s_median']:.3f} | "
+            f"{r['prefill_spread']:.0%} | {r['flops_ratio']:.3f} | {r['ideal_speedup']:.2f}x | "
+            f"{r['measured_speedup']:.2f}x ({r['measured_speedup_median']:.2f}x){'*' if r['noisy'] else ''} | "
             f"{r['measured_over_ideal']:.2f} | "
             f"{r['overhead_s'] * 1e3:.1f} | {r['select_s'] * 1e3:.1f} | {r['overhead_pct']:.2f} |")
+    if any(r.get("noisy") for r in res["results"]):
+        lines += ["", f"\\* noisy: the repeats of this method or of the unpruned model spread by more than "
+                      f"{NOISY_SPREAD:.0%} of their median; do not quote this speed-up."]
     lines += ["", "Per decoder layer (ms, fastest run; includes tokenprune's pre-hooks at that layer):", ""]
     for r in res["results"]:
         if "layer_s" in r:
@@ -266,19 +281,26 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line's options (defaults: the README's setting)."""
+    p = argparse.ArgumentParser(prog="python -m evals.bench_prefill", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--layers", type=int, default=8, help="decoder layers (LLaVA-1.5-7B has 32; the README uses 8)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated methods ('none' always runs)")
+    p.add_argument("--budget", type=float, default=0.2, help="budget of every method, in (0, 1]")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (each times every method once)")
+    p.add_argument("--hidden", type=int, default=4096, help="LM hidden size (LLaVA-1.5-7B: 4096)")
+    p.add_argument("--heads", type=int, default=32, help="attention heads (LLaVA-1.5-7B: 32)")
+    p.add_argument("--ffn", type=int, default=11008, help="MLP width (LLaVA-1.5-7B: 11008)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0: torch's default; on a shared 2-core machine 1 is the steadiest)")
+    p.add_argument("--out", type=Path, default=Path("results/bench_prefill"), help="folder for the JSON and markdown")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evals.bench_prefill", description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    p.add_argument("--budget", type=float, default=0.2)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--ffn", type=int, default=11008)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=Path("results/bench_prefill"))
-    a = p.parse_args(argv)
+    a = parser().parse_args(argv)
     res = run(a.layers, a.methods.split(","), a.budget, a.warmup, a.repeats, a.hidden, a.heads, a.ffn,
               threads=a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
