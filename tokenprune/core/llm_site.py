@@ -13,7 +13,7 @@ import torch
 from ..errors import SiteError
 from .hooks import HookSet
 from .masks import columns_from_keep, compose, decode_mask, gather_cols, prefill_mask
-from .scoring import query_logits
+from .scoring import query_logits, split_heads
 from .select import pad_rows
 from .stage import Context, Stage
 from .state import ForwardState, LLMStageState, cache_length, take_meta
@@ -58,26 +58,32 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
         last = torch.full((hs.shape[0], 1), hs.shape[1] - 1, dtype=torch.long, device=hs.device)
 
         def attention(source: str = "previous", rope: bool = True, normalize: str = "all") -> torch.Tensor:
+            # Only the last prompt token's query is projected here. Keys come from what the model
+            # computes anyway: layer K-1's cache or its captured k_proj output ("previous"); layer
+            # K's keys are projected once and handed to layer K's own attention ("current").
             if source == "previous":
                 saved = state.stash.pop(k - 1)
                 attn, hn, mask = lp.attention(lp.layers[k - 1]), saved["hidden_states"], saved.get("attention_mask")
                 pe = saved["position_embeddings"]
                 cache = saved.get("past_key_values")
-                keys = None
+                keys, rotated = state.stash.pop((k - 1, "keys"), None), False
+                keys = None if keys is None else split_heads(keys, attn.head_dim)
                 if cache is not None and rope:
                     cached = cache.layers[k - 1].keys
-                    keys = cached if cached is not None and cached.shape[-2] == hn.shape[1] else None
+                    if cached is not None and cached.shape[-2] == hn.shape[1]:
+                        keys, rotated = cached, True
             elif source == "current":
-                attn, hn, mask, pe, keys = (
+                attn, hn, mask, pe = (
                     lp.attention(layer_mod),
                     lp.input_norm(layer_mod)(hs),
                     kw.get("attention_mask"),
                     kw["position_embeddings"],
-                    None,
                 )
+                state.stash[(k, "keys")] = projected = attn.k_proj(hn)
+                keys, rotated = split_heads(projected, attn.head_dim), False
             else:
                 raise ValueError(f"source: expected 'previous' or 'current', got {source!r}")
-            logits = query_logits(attn, hn, last, pe if rope else None, mask, keys)[:, :, 0]  # (B, H, L)
+            logits = query_logits(attn, hn, last, pe if rope else None, mask, keys, rotated)[:, :, 0]  # (B, H, L)
             if normalize == "all":
                 probs = gather_cols(logits.softmax(-1), cand_cols, dim=2)
             elif normalize == "visual":
@@ -92,6 +98,7 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
         )
         sel = stage.select(ctx).to(hs.device)
         state.stash.pop(k - 1, None)
+        state.stash.pop((k - 1, "keys"), None)
         kept_cols = torch.where(sel >= 0, torch.gather(cand_cols, 1, sel.clamp(min=0)), -1)
         keep = (visual < 0) & (prev.cols >= 0 if prev else torch.ones_like(real))  # text, padding
         rows, slots = (kept_cols >= 0).nonzero(as_tuple=True)
@@ -101,6 +108,9 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
         new_visual = gather_cols(visual, new_cols, fill=-1)
         cos, sin = kw["position_embeddings"]
         hidden = gather_cols(hs, new_cols)
+        own_keys = state.stash.pop((k, "keys"), None)
+        if own_keys is not None:  # layer K's attention takes its kept keys instead of projecting them again
+            state.stash[(k, "reuse")] = gather_cols(own_keys, new_cols)
         st = LLMStageState(
             k,
             compose(prev.cols if prev else None, new_cols),
@@ -153,7 +163,37 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
 
         return hook
 
+    def skip_projection(k: int):
+        def hook(mod, kw):
+            name = next(iter(kw))  # the projection's input
+            ready = state.stash.pop((k, "reuse"), None)
+            if ready is None or ready.shape[:2] != kw[name].shape[:2]:
+                return None
+            state.stash[(k, "reused")] = ready
+            return {**kw, name: kw[name][:, :0]}  # nothing left to project
+
+        return hook
+
+    def reused(k: int):
+        def hook(mod, kw, out):
+            return state.stash.pop((k, "reused"), None)
+
+        return hook
+
+    def capture_keys(k: int):
+        def hook(mod, kw, out):
+            if state.llm_input is not None and out.shape[1] > 1:
+                state.stash[(k, "keys")] = out
+            return None
+
+        return hook
+
+    for k in by_layer:  # reuse before capture: a captured projection sees the reused keys
+        proj = lp.attention(lp.layers[k]).k_proj
+        hooks.pre(proj, skip_projection(k))
+        hooks.post(proj, reused(k))
     for k in by_layer:
         hooks.post(lp.attention(lp.layers[k - 1]), stash(k - 1))
+        hooks.post(lp.attention(lp.layers[k - 1]).k_proj, capture_keys(k - 1))
     for j in range(first, n_layers):
         hooks.pre(lp.layers[j], make_hook(j))

@@ -19,9 +19,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """A projection's output (B, L, H * d) as heads (B, H, L, d) (a view)."""
+    return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
+
+
 def _heads(proj: nn.Module, h: torch.Tensor, head_dim: int) -> torch.Tensor:
-    b, n, _ = h.shape
-    return proj(h).view(b, n, -1, head_dim).transpose(1, 2)
+    return split_heads(proj(h), head_dim)
 
 
 def _masked(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -39,30 +43,34 @@ def query_logits(
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
     mask: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
+    rotated: bool = True,
 ) -> torch.Tensor:
     """Masked attention logits of chosen query columns to all keys of one decoder-layer call.
 
     ``attn`` is the layer's attention module (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``),
-    ``hidden`` its normalised input (B, L, D), ``query_cols`` (B, Q) the query columns,
-    ``position_embeddings`` the call's ``(cos, sin)`` or None to score without RoPE (FEATHER),
-    ``mask`` the call's 4-D mask (bool: True attends; float: additive) or None (plain causal) and
-    ``keys`` optionally the post-RoPE keys already in the KV cache (B, H_kv, L, d). GQA key heads
-    are repeated as the model does. Returns float32 (B, H, Q, L), -inf where masked.
+    ``hidden`` its normalised input (B, L, D) (only the query rows are projected),
+    ``query_cols`` (B, Q) the query columns, ``position_embeddings`` the call's ``(cos, sin)`` or
+    None to score without RoPE (FEATHER), ``mask`` the call's 4-D mask (bool: True attends; float:
+    additive) or None (plain causal). ``keys`` (B, H_kv, L, d) are the layer's keys if already at
+    hand: post-RoPE from the KV cache (``rotated=True``) or the ``k_proj`` output before RoPE
+    (``rotated=False``, see :func:`split_heads`); None projects them from ``hidden``. GQA query
+    heads are scored against their shared key head, as the model repeats it. Returns float32
+    (B, H, Q, L), -inf where masked.
     """
-    hd = attn.head_dim
     b, n, _ = hidden.shape
     hq = torch.gather(hidden, 1, query_cols[..., None].expand(-1, -1, hidden.shape[-1]))
-    q = _heads(attn.q_proj, hq, hd)
+    q = _heads(attn.q_proj, hq, attn.head_dim)
     if keys is None:
-        keys = _heads(attn.k_proj, hidden, hd)
-        if position_embeddings is not None:
-            keys = apply_rope(keys, *position_embeddings)
+        keys, rotated = _heads(attn.k_proj, hidden, attn.head_dim), False
     if position_embeddings is not None:
+        if not rotated:
+            keys = apply_rope(keys, *position_embeddings)
         cos, sin = position_embeddings
         idx = query_cols[..., None].expand(-1, -1, cos.shape[-1])
         q = apply_rope(q, torch.gather(cos.expand(b, -1, -1), 1, idx), torch.gather(sin.expand(b, -1, -1), 1, idx))
-    keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
-    logits = (q.float() @ keys.float().transpose(-1, -2)) * float(attn.scaling)
+    h, h_kv, nq = q.shape[1], keys.shape[1], q.shape[2]
+    q = q.reshape(b, h_kv, (h // h_kv) * nq, -1)  # query heads grouped by the key head they share
+    logits = (q.float() @ keys.float().transpose(-1, -2)).view(b, h, nq, -1) * float(attn.scaling)
     if mask is None:  # plain causal: the query at column c sees keys 0..c
         mask = (torch.arange(n, device=hidden.device)[None, None, :] <= query_cols[..., None])[:, None]
     else:
