@@ -50,11 +50,13 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import tokenprune
-from evals.bench_prefill import HookClock, TimedMethod, build_model, make_inputs
 from tokenprune import flops
 from tokenprune.core.select import keep_counts
 from tokenprune.methods.base import Method, build
 from tokenprune.methods.fastv import FastV
+
+from .bench_prefill import HookClock, TimedMethod, _spread, build_model, make_inputs
+from .results import NOISY_SPREAD
 
 DEFAULT_METHODS = ("random", "uniform", "fastv", "pdrop", "feather")
 PEERS = ("fastv[rerun]", "fastv[eager]")
@@ -400,6 +402,8 @@ def summarise(model, inputs, samples: dict[str, list[dict[str, Any]]], setup: di
         row["llm_tokens_per_layer"] = tokens
         row["prefill_s"], row["prefill_s_median"], row["prefill_s_all"] = min(t[m]), statistics.median(t[m]), t[m]
         row["measured_speedup"], row["measured_speedup_median"] = _speed(t["none"], t[m])
+        row["prefill_spread"] = _spread(t[m])
+        row["noisy"] = max(_spread(t["none"]), row["prefill_spread"]) > NOISY_SPREAD
         row["measured_over_ideal"] = row["measured_speedup"] / row["ideal_speedup"]
         row["measured_over_ideal_median"] = row["measured_speedup_median"] / row["ideal_speedup"]
         row["decode_s"], row["decode_s_median"] = min(d[m]), statistics.median(d[m])
@@ -475,11 +479,14 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(
             f"| {r['method']} | {budget_cell(r)} | {r['prefill_s']:.2f} "
             f"({r['prefill_s_median']:.2f}) | {r['ideal_speedup']:.2f}x / {ideal32} | {r['measured_speedup']:.2f}x "
-            f"({r['measured_speedup_median']:.2f}x) | {r['measured_over_ideal']:.2f} "
+            f"({r['measured_speedup_median']:.2f}x){'*' if r['noisy'] else ''} | {r['measured_over_ideal']:.2f} "
             f"({r['measured_over_ideal_median']:.2f}) | {r['scoring_s'] * 1e3:.1f} ({r['scoring_pct']:.2f} %) | "
             f"{r['overhead_pct']:.2f} | {r['decode_s'] * 1e3:.0f} ({r['decode_s_median'] * 1e3:.0f}) | "
             f"{r['decode_speedup']:.2f}x ({r['decode_ideal_macs']:.2f}x / {r['decode_ideal_bytes']:.3f}x) | "
             f"{r['peak_mib']:.0f} |")
+    if any(r["noisy"] for r in res["results"]):
+        lines += ["", f"\\* noisy: the repeats of this variant or of the unpruned model spread by more than "
+                      f"{NOISY_SPREAD:.0%} of their median."]
     ours = [r for r in res["results"] if "scoring_macs_pct" in r]
     if ours:
         lines += ["", "Scoring cost of the LLM-stage methods: measured time inside `select` (for PyramidDrop this "
