@@ -85,7 +85,7 @@ class Geometry:
         key = (n, None if image_size is None else tuple(int(v) for v in image_size))
         if key not in self.cache:
             sizes = None if image_size is None else image_size[None]
-            (lay,) = self.anatomy.layouts([n], sizes)
+            (lay,) = self.anatomy.layouts([n], {"image_sizes": sizes})
             self.cache[key] = torch.where(lay.tile >= 0, lay.y, torch.nan)
         return self.cache[key]
 

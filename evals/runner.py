@@ -63,7 +63,7 @@ def _layouts(model: Any, n_visual: int, image_sizes: Any) -> Any:
     from tokenprune.adapters import anatomy_of
 
     an = anatomy_of(model)
-    return an.layouts([n_visual], image_sizes)[0] if an.layouts is not None else None
+    return an.layouts([n_visual], {"image_sizes": image_sizes})[0] if an.sequence is not None else None
 
 
 def overlay_record(model: Any, inputs: dict[str, Any], trace: Any, b: int) -> dict[str, Any] | None:

@@ -44,7 +44,7 @@ def _causal(n):
 def _geometry(model, inputs_i):
     """(tile, row, col, partition) of every visual token of one sample, from the adapter's layouts."""
     n = int((inputs_i["input_ids"] == model.config.image_token_id).sum())
-    (lay,) = anatomy_of(model).layouts([n], inputs_i.get("image_sizes"))
+    (lay,) = anatomy_of(model).layouts([n], {"image_sizes": inputs_i.get("image_sizes")})
     part = torch.full_like(lay.tile, -1)
     for p, idx in enumerate(lay.partitions.values()):
         part[idx] = p

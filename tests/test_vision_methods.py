@@ -288,7 +288,7 @@ def test_hired_matches_naive_reference_on_llava_next():
         _, att = _tower_cls(model, tiles, [0, 1])
     anatomy = anatomy_of(model)
     lengths = (inputs["input_ids"] == model.config.image_token_id).sum(-1).tolist()
-    layouts = anatomy.layouts(lengths, inputs["image_sizes"])
+    layouts = anatomy.layouts(lengths, {"image_sizes": inputs["image_sizes"]})
     first = [0, 5]
     expected = []
     for b, lay in enumerate(layouts):

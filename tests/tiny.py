@@ -21,6 +21,13 @@ from transformers import (
     LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
     SiglipVisionModel,
     ViTConfig,
@@ -178,3 +185,138 @@ def single(proc, i: int, sizes=((40, 48), (32, 32)), prompts=PROMPTS):
 def greedy(model, inputs, n: int = 5):
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+
+# --- Qwen2-VL / Qwen2.5-VL / Qwen3-VL: packed tower, 2x2 merged units, M-RoPE -------------------------
+QWEN_SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_PATCH = 8
+
+
+@functools.lru_cache(maxsize=1)
+def qwen_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>", *QWEN_SPECIAL],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    hf.padding_side = "left"
+    return hf
+
+
+def _qwen_ids() -> dict:
+    tok = qwen_tokenizer()
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in zip(("start", "end", "image", "video"), QWEN_SPECIAL)}
+    return {
+        "image_token_id": ids["image"],
+        "video_token_id": ids["video"],
+        "vision_start_token_id": ids["start"],
+        "vision_end_token_id": ids["end"],
+    }
+
+
+def _qwen_text(layers: int, mrope: list[int], **extra) -> dict:
+    tok = qwen_tokenizer()
+    return dict(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tok.pad_token_id, bos_token_id=1,
+        eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+        **extra,
+    )
+
+
+def qwen2_vl(layers: int = 8, seed: int = 0):
+    """Tiny Qwen2-VL: 4-block packed tower (patch 8, 2x2 merge), 8-layer Qwen2 LM with M-RoPE."""
+    torch.manual_seed(seed)
+    vision = dict(depth=4, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4, patch_size=QWEN_PATCH,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    cfg = Qwen2VLConfig(vision_config=vision, text_config=_qwen_text(layers, [2, 3, 3]), **_qwen_ids())
+    return Qwen2VLForConditionalGeneration(cfg).eval()
+
+
+def qwen2_5_vl(layers: int = 8, seed: int = 0):
+    """Tiny Qwen2.5-VL: 4-block windowed tower (windows of 2x2 merged units, full attention in blocks
+    1 and 3), 8-layer LM with M-RoPE."""
+    torch.manual_seed(seed)
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                  patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2, window_size=32,
+                  fullatt_block_indexes=[1, 3], in_channels=3)
+    cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=_qwen_text(layers, [2, 3, 3]), **_qwen_ids())
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+def qwen3_vl(layers: int = 8, seed: int = 0):
+    """Tiny Qwen3-VL: 4-block tower with deepstack features from blocks 1 and 2 (added after LM
+    layers 0 and 1), 8-layer Qwen3 LM (q/k norms) with interleaved M-RoPE."""
+    torch.manual_seed(seed)
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                  patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                  num_position_embeddings=64, deepstack_visual_indexes=[1, 2])
+    text = _qwen_text(layers, [2, 3, 3], head_dim=16)
+    cfg = Qwen3VLConfig(vision_config=vision, text_config=text, **_qwen_ids())
+    return Qwen3VLForConditionalGeneration(cfg).eval()
+
+
+QWEN_PROMPTS = ["USER: {} what is shown in the picture? ASSISTANT:", "USER: {} describe it. ASSISTANT:"]
+
+
+def qwen_inputs(samples: list[list], video_seed: int = 0) -> dict:
+    """Model inputs for Qwen-style VLMs, built as the processor does: ``samples`` are lists of text
+    pieces and visual items, ``("image", (h, w))`` (a random image of that size, seeded by its
+    order) or ``("video", (frames, h, w))`` (random patches); each item becomes vision_start, one
+    placeholder per merged unit, vision_end. Left padded; ``mm_token_type_ids`` 1 image, 2 video."""
+    tok = qwen_tokenizer()
+    ids = _qwen_ids()
+    proc = Qwen2VLImageProcessorPil(min_pixels=4 * QWEN_PATCH**2, max_pixels=256 * QWEN_PATCH**2,
+                                    patch_size=QWEN_PATCH, merge_size=2, temporal_patch_size=2)
+    gen = torch.Generator().manual_seed(video_seed)
+    rows, types, pixels, grids, vpixels, vgrids = [], [], [], [], [], []
+    n_img = 0
+    for sample in samples:
+        row, typ = [], []
+        for piece in sample:
+            if isinstance(piece, str):
+                t = tok(piece, add_special_tokens=False)["input_ids"]
+                row += t
+                typ += [0] * len(t)
+                continue
+            kind, size = piece
+            if kind == "image":
+                n_img += 1
+                out = proc(images=[image(*size, n_img)], return_tensors="pt")
+                pixels.append(out["pixel_values"])
+                grids.append(out["image_grid_thw"])
+                thw, token, code = out["image_grid_thw"][0], ids["image_token_id"], 1
+            else:
+                frames, h, w = size
+                thw = torch.tensor([frames // 2, h // QWEN_PATCH, w // QWEN_PATCH])
+                vpixels.append(torch.randn(int(thw.prod()), 3 * 2 * QWEN_PATCH**2, generator=gen))
+                vgrids.append(thw[None])
+                token, code = ids["video_token_id"], 2
+            n = int(thw.prod()) // 4
+            row += [ids["vision_start_token_id"]] + [token] * n + [ids["vision_end_token_id"]]
+            typ += [0] + [code] * n + [0]
+        rows.append(row)
+        types.append(typ)
+    width = max(len(r) for r in rows)
+    out = {
+        "input_ids": torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+        "mm_token_type_ids": torch.tensor([[0] * (width - len(t)) + t for t in types]),
+    }
+    if pixels:
+        out["pixel_values"], out["image_grid_thw"] = torch.cat(pixels), torch.cat(grids)
+    if vpixels:
+        out["pixel_values_videos"], out["video_grid_thw"] = torch.cat(vpixels), torch.cat(vgrids)
+    return out
+
+
+def qwen_batch(sizes=((40, 72), (32, 32))) -> dict:
+    """Two samples, one image each, of different sizes (so different token counts)."""
+    return qwen_inputs([[p.split("{}")[0], ("image", s), p.split("{}")[1]] for p, s in zip(QWEN_PROMPTS, sizes)])

@@ -7,6 +7,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .base import Anatomy, ImageLayout, LLMParts, VisionParts, grid_layout
 from .llava import llava_anatomy, llava_next_anatomy
+from .qwen import qwen_anatomy
 from .vision import vision_encoder_anatomy
 
 SUPPORTED = (
@@ -19,7 +20,16 @@ SUPPORTED = (
     "SiglipModel",
     "LlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration",
 )
+
+QWEN = {  # adapter name -> (ForConditionalGeneration, core) class names in transformers
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLModel"),
+}
 
 
 def anatomy_of(model: nn.Module) -> Anatomy:
@@ -35,6 +45,11 @@ def anatomy_of(model: nn.Module) -> Anatomy:
         return llava_next_anatomy(model)
     if isinstance(model, (LlavaForConditionalGeneration, LlavaModel)):
         return llava_anatomy(model)
+    import transformers
+
+    for name, classes in QWEN.items():
+        if isinstance(model, tuple(getattr(transformers, c) for c in classes)):
+            return qwen_anatomy(model, name)
     found = vision_encoder_anatomy(model) if isinstance(model, nn.Module) else None
     if found is None:
         raise UnsupportedModelError(

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Anatomy, ImageLayout, LLMParts, grid_layout
+from .base import Anatomy, ImageLayout, LLMParts, Modality, Sequence, grid_layout
 from .vision import vision_encoder_anatomy
 
 
-def _llm_parts(language_model: nn.Module) -> LLMParts:
+def llm_parts(language_model: nn.Module) -> LLMParts:
     layers = language_model.layers
     first = layers[0]
     if not (hasattr(first, "self_attn") and hasattr(first, "input_layernorm")):
@@ -37,16 +37,33 @@ def _tower_anatomy(core: nn.Module) -> Anatomy:
 
 
 def _vlm_anatomy(name: str, model: nn.Module, core: nn.Module, vision, layouts) -> Anatomy:
+    """A LLaVA-style VLM: one image modality encoded by ``get_image_features`` at
+    ``vision_feature_layer`` / ``vision_feature_select_strategy``, 1-D positions."""
     cfg = core.config
+
+    def strategy(inputs: dict) -> str:
+        return inputs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
+
+    def encode(inputs: dict):
+        extra = {"image_sizes": inputs["image_sizes"]} if inputs.get("image_sizes") is not None else {}
+        return core.get_image_features(
+            pixel_values=inputs["pixel_values"],
+            vision_feature_layer=inputs.get("vision_feature_layer"),
+            vision_feature_select_strategy=inputs.get("vision_feature_select_strategy"),
+            return_dict=True,
+            **extra,
+        )
+
+    image = Modality("image", int(cfg.image_token_id), ("pixel_values",), "get_image_features", encode, layouts)
     return Anatomy(
         name=name,
         model=model,
         vision=vision,
-        llm=_llm_parts(core.language_model),
+        llm=llm_parts(core.language_model),
         vlm_core=core,
         image_token_id=int(cfg.image_token_id),
         feature_layer=cfg.vision_feature_layer,
-        layouts=layouts,
+        sequence=Sequence((image,), feature_cls=lambda inputs: int(vision.has_cls and strategy(inputs) == "full")),
         pad_token_id=int(getattr(cfg.text_config, "pad_token_id", None) or 0),
     )
 
@@ -57,7 +74,7 @@ def llava_anatomy(model: nn.Module) -> Anatomy:
     vision = _tower_anatomy(core).vision
     rows, cols = vision.grid
 
-    def layouts(lengths: list[int], image_sizes: torch.Tensor | None) -> list[ImageLayout]:
+    def layouts(lengths: list[int], inputs: dict) -> list[ImageLayout]:
         return [grid_layout(rows, cols, cls=(n == rows * cols + 1)) for n in lengths]
 
     return _vlm_anatomy("llava", model, core, vision, layouts)
@@ -104,7 +121,8 @@ def llava_next_anatomy(model: nn.Module) -> Anatomy:
             parts["newline"] = (tile == -1).nonzero().flatten()
         return ImageLayout(tile=tile, row=row, col=col, y=y, x=x, grid=(g, g), partitions=parts)
 
-    def layouts(lengths: list[int], image_sizes: torch.Tensor | None) -> list[ImageLayout]:
+    def layouts(lengths: list[int], inputs: dict) -> list[ImageLayout]:
+        image_sizes = inputs.get("image_sizes")
         if image_sizes is None:
             raise ValueError("image_sizes is required to lay out LLaVA-NeXT image tokens")
         out = [one_layout(torch.as_tensor(s).cpu()) for s in image_sizes]
@@ -113,4 +131,5 @@ def llava_next_anatomy(model: nn.Module) -> Anatomy:
             raise RuntimeError(f"LLaVA-NeXT layout has {got} tokens per image but the model produced {lengths}")
         return out
 
+    vision.vision_site = "vision-site stages are not supported inside LLaVA-NeXT's tiled tower"
     return _vlm_anatomy("llava_next", model, core, vision, layouts)

@@ -36,8 +36,8 @@ class Engine:
             raise SiteError("method: at most one pre_llm stage")
         try:
             if by_site["vision"]:
-                if anatomy.name == "llava_next":
-                    raise SiteError("method: vision-site stages are not supported inside LLaVA-NeXT's tiled tower")
+                if anatomy.vision.vision_site is not None:
+                    raise SiteError(f"method: {anatomy.vision.vision_site}")
                 install_vision(anatomy, by_site["vision"], self.state, self.hooks, standalone=not anatomy.is_vlm)
             if anatomy.is_vlm:
                 install_pre_llm(anatomy, (by_site["pre_llm"] or [None])[0], self.state, self.hooks)

@@ -8,11 +8,13 @@ and the mask builder read is layer 0's."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import SiteError
 from .hooks import HookSet
-from .masks import columns_from_keep, compose, decode_mask, gather_cols, prefill_mask
+from .masks import columns_from_keep, compose, decode_mask, gather_cols, gather_last, prefill_mask
 from .scoring import query_logits, split_heads
 from .select import pad_rows
 from .stage import Context, Stage
@@ -23,6 +25,32 @@ from .trace import StageRecord
 def _visual_columns(visual: torch.Tensor) -> torch.Tensor:
     """(B, N) columns of the visual tokens of each row, -1 padded."""
     return pad_rows([(row >= 0).nonzero().flatten() for row in visual], visual.device)
+
+
+def _slice_injections(lp, state: ForwardState, hooks: HookSet) -> None:
+    """Wrap the language model's per-visual-token additions between layers (``lp.injections``,
+    e.g. Qwen3-VL's deepstack: ``fn(hidden_states, visual_mask (B, L), embeds (n, D))``, the mask
+    over the LLM input, the embeds in its row-major order) so that after an LLM stage they add to
+    the kept visual tokens only."""
+
+    def wrap(owner, name: str) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def inject(hidden_states, visual_mask, embeds, *args, **kwargs):
+            active = state.llm_stages[-1] if state.llm_stages else None
+            if active is None or visual_mask is None or active.cols.shape[1] != hidden_states.shape[1]:
+                return original(hidden_states, visual_mask, embeds, *args, **kwargs)
+            cols = active.cols.to(visual_mask.device)
+            row_of = (visual_mask.flatten().long().cumsum(0) - 1).view_as(visual_mask)
+            kept = gather_cols(visual_mask, cols, fill=False)
+            rows = gather_cols(row_of, cols, fill=0)[kept]
+            return original(hidden_states, kept, embeds[rows.to(embeds.device)], *args, **kwargs)
+
+        hooks.setattr(owner, name, inject)
+
+    for owner, name in lp.injections:
+        wrap(owner, name)
 
 
 def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSet) -> None:
@@ -36,6 +64,12 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
     if bad:
         raise SiteError(f"layer: LLM-site stages act before decoder layers 1..{n_layers - 1}; got {bad}")
     first = min(by_layer)
+    renumber = [st.name for st in stages if st.positions == "renumber"]
+    if renumber and anatomy.sequence.positions != "1d":
+        raise SiteError(
+            f"positions: 'renumber' (stages {renumber}) numbers the kept tokens 0..L'-1, which has no meaning for "
+            f"{anatomy.name}'s {anatomy.sequence.positions} (3-D) position ids; allowed here: ['keep']"
+        )
 
     def stash(k: int):
         def hook(mod, kw, out):
@@ -83,7 +117,8 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
                 keys, rotated = split_heads(projected, attn.head_dim), False
             else:
                 raise ValueError(f"source: expected 'previous' or 'current', got {source!r}")
-            logits = query_logits(attn, hn, last, pe if rope else None, mask, keys, rotated)[:, :, 0]  # (B, H, L)
+            norms = lp.head_norms(attn)
+            logits = query_logits(attn, hn, last, pe if rope else None, mask, keys, rotated, norms)[:, :, 0]
             if normalize == "all":
                 probs = gather_cols(logits.softmax(-1), cand_cols, dim=2)
             elif normalize == "visual":
@@ -116,7 +151,7 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
             compose(prev.cols if prev else None, new_cols),
             new_visual,
             new_real,
-            gather_cols(positions, new_cols, fill=1),
+            None if positions is None else gather_cols(positions, new_cols, fill=1),
         )
         if stage.positions == "renumber":
             new_pos = (new_real.long().cumsum(-1) - 1).clamp(min=0)
@@ -125,7 +160,8 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
             st.kwargs["position_ids"] = new_pos
         else:
             st.kwargs["position_embeddings"] = (gather_cols(cos, new_cols), gather_cols(sin, new_cols))
-            st.kwargs["position_ids"] = st.positions
+            pos = kw.get("position_ids")
+            st.kwargs["position_ids"] = None if pos is None else gather_last(pos, new_cols, fill=1)
         st.kwargs["attention_mask"] = prefill_mask(kw.get("attention_mask"), new_cols)
         state.llm_stages.append(st)
         kept = pad_rows([row[row >= 0] for row in new_visual], hs.device)
@@ -192,6 +228,7 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
         proj = lp.attention(lp.layers[k]).k_proj
         hooks.pre(proj, skip_projection(k))
         hooks.post(proj, reused(k))
+    _slice_injections(lp, state, hooks)
     for k in by_layer:
         hooks.post(lp.attention(lp.layers[k - 1]), stash(k - 1))
         hooks.post(lp.attention(lp.layers[k - 1]).k_proj, capture_keys(k - 1))

@@ -37,6 +37,14 @@ def gather_cols(x: torch.Tensor, cols: torch.Tensor, dim: int = 1, fill=None) ->
     return out
 
 
+def gather_last(x: torch.Tensor, cols: torch.Tensor, fill=None) -> torch.Tensor:
+    """Position ids ``x`` indexed by ``cols`` along their last dim, whatever their rank: (B|1, L)
+    (1-D positions) or (R, B|1, L) (M-RoPE's 3 or 4 rows)."""
+    if x.dim() == 2:
+        return gather_cols(x, cols, fill=fill)
+    return torch.stack([gather_cols(row, cols, fill=fill) for row in x])
+
+
 def compose(outer: torch.Tensor | None, inner: torch.Tensor) -> torch.Tensor:
     """Column map of applying ``inner`` after ``outer`` (both -1 filled)."""
     if outer is None:

@@ -1,22 +1,28 @@
-"""Site 2: between the projector and the LLM. A forward pre-hook on the LLaVA model (``LlavaModel``
-/ ``LlavaNextModel``) takes the image features (from ``mm_encoder_outputs`` on the ``generate()``
-path, or by encoding ``pixel_values`` itself on the ``forward()`` path), lets the stage choose,
-and compacts ``input_ids``, ``attention_mask`` and ``position_ids`` so the ``<image>`` count
-matches. Rows that keep different numbers of tokens are re-padded on the left. On decode steps it
-remaps ``generate()``'s full-length 2-D mask to the compacted prompt."""
+"""Site 2: between the projector and the LLM. A forward pre-hook on the VLM core (the module that
+merges visual features into the text sequence, e.g. ``LlavaModel``, ``Qwen2_5_VLModel``) takes the
+features of every image / video of the call (from ``mm_encoder_outputs`` on the ``generate()``
+path, or by running the model's own encoder on the forward path), lets the stage choose, and
+compacts ``input_ids``, ``attention_mask``, ``position_ids`` and the adapter's other per-token
+inputs so the placeholder counts match. Rows that keep different numbers of tokens are re-padded on
+the left. Kept tokens keep their ORIGINAL position ids, whatever their rank ((B, L) or M-RoPE's
+(3|4, B, L)). On decode steps it remaps ``generate()``'s full-length 2-D mask to the compacted
+prompt and, when no position ids are given, continues the positions of the unpruned sequence.
+
+Everything model-specific comes from the adapter's :class:`~tokenprune.adapters.base.Sequence`."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import weakref
+from dataclasses import dataclass
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..adapters.base import ImageLayout, Modality
 from ..errors import SiteError
 from .hooks import HookSet
-from .masks import columns_from_keep, gather_cols
+from .masks import columns_from_keep, gather_cols, gather_last
 from .scoring import cls_attention, mean_keys
 from .select import pad_rows
 from .stage import Context, Stage
@@ -24,51 +30,108 @@ from .state import ForwardState, LLMInput, PromptMap, cache_length, row_meta, ta
 from .trace import StageRecord, Trace
 
 
-def record_image_sizes(core, state: ForwardState, hooks: HookSet) -> None:
-    """Wrap ``core.get_image_features`` on the instance (removed with the patch) to record
-    ``image_sizes``: ``generate()`` encodes images before prefill and pops the sizes, which the
-    LLaVA-NeXT layout needs. The signature is preserved (``generate()`` inspects it)."""
-    original = core.get_image_features
-    sig = inspect.signature(original)
+@dataclass
+class Item:
+    """One image or video of a forward call: its modality, index among that modality's items,
+    visual tokens the LLM sees unpruned, sample (row) and first placeholder column."""
 
-    @functools.wraps(original)
-    def get_image_features(*args, **kwargs):
-        bound = sig.bind_partial(*args, **kwargs).arguments
-        state.image_sizes = bound.get("image_sizes", bound.get("kwargs", {}).get("image_sizes"))
-        return original(*args, **kwargs)
-
-    hooks.setattr(core, "get_image_features", get_image_features)
+    modality: Modality
+    index: int
+    length: int
+    row: int
+    start: int
+    layout: ImageLayout | None = None
 
 
-def _assign_images(is_img: torch.Tensor, lengths: list[int]) -> list[list[int]]:
-    """Which images (in order) fill each row's ``<image>`` placeholders."""
+def record_encoder_inputs(anatomy, state: ForwardState, hooks: HookSet) -> None:
+    """Wrap each modality's encoder method on the core instance (removed with the patch) to record
+    its arguments: ``generate()`` encodes images before prefill and then drops arguments the layouts
+    need (``image_sizes``, ``image_grid_thw``). Calls nested in another recorded call (Qwen3-VL's
+    video encoder calls the image one) are not recorded. Signatures are preserved (``generate()``
+    inspects them)."""
+    core = anatomy.vlm_core
+    busy: list[bool] = []
+
+    def wrap(mod: Modality) -> None:
+        original = getattr(core, mod.encoder)
+        sig = inspect.signature(original)
+
+        @functools.wraps(original)
+        def encoder(*args, **kwargs):
+            if busy:
+                return original(*args, **kwargs)
+            bound = sig.bind_partial(*args, **kwargs).arguments
+            state.encoder_inputs[mod.name] = {**bound.pop("kwargs", {}), **bound}
+            busy.append(True)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                busy.pop()
+
+        hooks.setattr(core, mod.encoder, encoder)
+
+    for mod in anatomy.sequence.modalities:
+        if getattr(core, mod.encoder, None) is not None:
+            wrap(mod)
+
+
+def _assign(is_tok: torch.Tensor, lengths: list[int], what: str) -> list[list[int]]:
+    """Which items (in order) fill each row's placeholders of one modality."""
     per_row, i = [], 0
-    for b, count in enumerate(is_img.sum(-1).tolist()):
+    for b, count in enumerate(is_tok.sum(-1).tolist()):
         row = []
         while count > 0 and i < len(lengths):
             row.append(i)
             count -= lengths[i]
             i += 1
         if count != 0:
-            raise ValueError(f"input_ids row {b}: <image> placeholders do not match the image features {lengths}")
+            raise ValueError(f"input_ids row {b}: {what} placeholders do not match the {what} features {lengths}")
         per_row.append(row)
     if i != len(lengths):
-        raise ValueError(f"input_ids: {len(lengths)} images but placeholders for {i}")
+        raise ValueError(f"input_ids: {len(lengths)} {what} inputs but placeholders for {i}")
     return per_row
 
 
-def install_pre_llm(anatomy, stage: Stage | None, state: ForwardState, hooks: HookSet) -> None:
-    """Hook ``anatomy.vlm_core`` so every prefill is traced and, with a stage, reduced."""
-    core = anatomy.vlm_core
+def _present(kw: dict, mod: Modality) -> bool:
+    px = kw.get(mod.pixels[0])
+    return px is not None and px.numel() > 0
+
+
+def _encode(seq, kw: dict) -> dict:
+    """Encoder outputs per modality name; pixels encoded here are removed from ``kw``."""
+    mm = dict(kw.get("mm_encoder_outputs") or {})
+    for mod in seq.modalities:
+        if mm.get(mod.name) is None and _present(kw, mod):
+            mm[mod.name] = mod.encode(kw)
+            for name in mod.pixels:
+                kw[name] = None
+    return mm
+
+
+def _items(seq, ids: torch.Tensor, lengths: dict[str, list[int]]) -> list[list[Item]]:
+    """The items of each row, in sequence order."""
+    rows: list[list[Item]] = [[] for _ in range(ids.shape[0])]
+    for mod in seq.modalities:
+        is_tok = ids == mod.token_id
+        for b, idxs in enumerate(_assign(is_tok, lengths.get(mod.name, []), mod.name)):
+            cols, off = is_tok[b].nonzero().flatten().tolist(), 0
+            for i in idxs:
+                rows[b].append(Item(mod, i, lengths[mod.name][i], b, cols[off]))
+                off += lengths[mod.name][i]
+    return [sorted(r, key=lambda it: it.start) for r in rows]
+
+
+def _capture_tower(anatomy, stage: Stage | None, state: ForwardState, hooks: HookSet) -> list[int]:
+    """Record the inputs (and outputs) of the encoder layers the stage reads scores from."""
     vp = anatomy.vision
-    image_token = anatomy.image_token_id
-    record_image_sizes(core, state, hooks)
     captured = sorted({c % vp.num_layers for c in (stage.capture if stage is not None else ())})
-    projector = getattr(core, "multi_modal_projector", None)
+    if captured and vp.tower != "batched" and vp.scorers is None:
+        raise SiteError(f"method: {stage.name} reads encoder scores, which this {anatomy.name} tower does not offer")
 
     def capture(layer: int):
         def hook(mod, kw, out):
             state.vision_capture[layer] = kw["hidden_states"]
+            state.vision_capture[("kwargs", layer)] = kw
 
         return hook
 
@@ -81,192 +144,285 @@ def install_pre_llm(anatomy, stage: Stage | None, state: ForwardState, hooks: Ho
     for layer in captured:
         hooks.post(vp.attention(vp.layers[layer]), capture(layer))
         hooks.post(vp.layers[layer], capture_output(layer))
+    return captured
 
-    def tower_scorers(rows: list[list[int]], layouts, cand: torch.Tensor, geometry: dict) -> dict:
-        """Scores read from the encoder's captured layers, mapped to the candidates: each
-        candidate's tower row is its image's base or tile crop, its token its patch (+ CLS)."""
-        first_row = torch.tensor([0] + [int(lay.tile.max()) + 1 for lay in layouts]).cumsum(0)
-        gimg = torch.full_like(cand, -1)
-        for b, imgs in enumerate(rows):
-            if imgs:
-                local = geometry["image"][b].clamp(min=0)
-                gimg[b] = torch.tensor(imgs)[local]
-        patch = (cand >= 0) & (geometry["tile"] >= 0)
-        tower_row = torch.where(patch, first_row[gimg.clamp(min=0)] + geometry["tile"], 0)
-        token = torch.where(patch, int(vp.has_cls) + geometry["row"] * vp.grid[1] + geometry["col"], 0)
 
-        def hidden(layer: int) -> tuple:
-            layer = layer % vp.num_layers
-            if layer not in state.vision_capture:
-                raise SiteError(f"layer: encoder layer {layer} was not captured; list it in the stage's capture")
-            return vp.attention(vp.layers[layer]), state.vision_capture[layer]
+def _batched_scorers(vp, state: ForwardState, rows: list[list[Item]], cand: torch.Tensor, geometry: dict) -> dict:
+    """Scores read from a batched tower's captured layers, mapped to the candidates: each
+    candidate's tower row is its image's base or tile crop, its token its patch (+ CLS)."""
+    images = sorted({it.index: it for row in rows for it in row if it.modality.name == "image"}.values(),
+                    key=lambda it: it.index)
+    if any(it.modality.name != "image" for row in rows for it in row):
+        raise SiteError("method: encoder scores are only read for images, not for other visual inputs")
+    first_row = torch.tensor([0] + [int(it.layout.tile.max()) + 1 for it in images]).cumsum(0)
+    gimg = torch.full_like(cand, -1)
+    for b, row in enumerate(rows):
+        if row:
+            local = geometry["image"][b].clamp(min=0)
+            gimg[b] = torch.tensor([it.index for it in row])[local]
+    patch = (cand >= 0) & (geometry["tile"] >= 0)
+    tower_row = torch.where(patch, first_row[gimg.clamp(min=0)] + geometry["tile"], 0)
+    token = torch.where(patch, int(vp.has_cls) + geometry["row"] * vp.grid[1] + geometry["col"], 0)
 
-        def pick(values: torch.Tensor, fill: float) -> torch.Tensor:
-            out = values[tower_row.to(values.device), token.to(values.device)]
-            mask = (~patch).to(values.device).view(*patch.shape, *([1] * (out.dim() - 2)))
-            return out.masked_fill(mask, fill)
+    def hidden(layer: int) -> tuple:
+        layer = layer % vp.num_layers
+        if layer not in state.vision_capture:
+            raise SiteError(f"layer: encoder layer {layer} was not captured; list it in the stage's capture")
+        return vp.attention(vp.layers[layer]), state.vision_capture[layer]
 
-        def cls_score(layer: int, heads: str = "mean") -> torch.Tensor:
-            if not vp.has_cls:
-                raise SiteError("method: this vision tower has no CLS token")
-            attn, h = hidden(layer)
-            a = cls_attention(attn, h, vp.num_heads(attn), vp.scale(attn))
-            return pick(a.sum(1) if heads == "sum" else a.mean(1), float("-inf"))
+    def pick(values: torch.Tensor, fill: float) -> torch.Tensor:
+        out = values[tower_row.to(values.device), token.to(values.device)]
+        mask = (~patch).to(values.device).view(*patch.shape, *([1] * (out.dim() - 2)))
+        return out.masked_fill(mask, fill)
 
-        def keys(layer: int) -> torch.Tensor:
-            attn, h = hidden(layer)
-            return pick(mean_keys(attn, h), 0.0)
+    def cls_score(layer: int, heads: str = "mean") -> torch.Tensor:
+        if not vp.has_cls:
+            raise SiteError("method: this vision tower has no CLS token")
+        attn, h = hidden(layer)
+        a = cls_attention(attn, h, vp.num_heads(attn), vp.scale(attn))
+        return pick(a.sum(1) if heads == "sum" else a.mean(1), float("-inf"))
 
-        def output(layer: int) -> torch.Tensor:
-            hidden(layer)  # same capture check
-            return pick(state.vision_capture[("output", layer % vp.num_layers)], 0.0)
+    def keys(layer: int) -> torch.Tensor:
+        attn, h = hidden(layer)
+        return pick(mean_keys(attn, h), 0.0)
 
-        return {"cls_attention": cls_score, "keys": keys, "hidden": output}
+    def output(layer: int) -> torch.Tensor:
+        hidden(layer)  # same capture check
+        return pick(state.vision_capture[("output", layer % vp.num_layers)], 0.0)
 
-    def encode(kw: dict):
-        mm = dict(kw.get("mm_encoder_outputs") or {})
-        if mm.get("image") is None:
-            extra = {"image_sizes": kw["image_sizes"]} if kw.get("image_sizes") is not None else {}
-            mm["image"] = core.get_image_features(
-                pixel_values=kw["pixel_values"],
-                vision_feature_layer=kw.get("vision_feature_layer"),
-                vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
-                return_dict=True,
-                **extra,
-            )
-            kw["pixel_values"] = None
-        return mm
+    return {"cls_attention": cls_score, "keys": keys, "hidden": output}
 
-    def prefill(kw: dict) -> dict:
+
+def _with_features(out, feats: list[torch.Tensor], aligned: dict[str, list]):
+    """A copy of an encoder output with new per-item features (and aligned extras)."""
+    new = type(out)(**dict(out.items()))
+    new.pooler_output = feats
+    for name, value in aligned.items():
+        setattr(new, name, value)
+    return new
+
+
+class _Prefill:
+    """One prefill through the pre-LLM site: candidates, the stage's choice, the compaction (a
+    fresh instance per call: nothing of one call outlives it but what it writes to ``state``)."""
+
+    def __init__(self, anatomy, stage: Stage | None, captured: list[int], state: ForwardState) -> None:
+        self.anatomy, self.stage, self.captured, self.state = anatomy, stage, captured, state
+        self.seq = anatomy.sequence
+
+    def __call__(self, kw: dict) -> dict:
+        anatomy, state, seq = self.anatomy, self.state, self.seq
         ids = kw.get("input_ids")
         if ids is None:
             raise SiteError("input_ids: tokenprune needs input_ids (not inputs_embeds) to find the image tokens")
         am = kw.get("attention_mask")
         if am is not None and bool((am[:, -1] == 0).any()):
             raise ValueError("attention_mask: tokenprune needs left padding (tokenizer.padding_side = 'left')")
-        mm = encode(kw)
-        feats = list(mm["image"].pooler_output)
-        strategy = kw.get("vision_feature_select_strategy") or core.config.vision_feature_select_strategy
-        cls_off = int(vp.has_cls and strategy == "full")
-        reduced = state.vision_orig is not None and state.vision_records and state.vision_orig.shape[0] == len(feats)
-        n_patch = vp.grid[0] * vp.grid[1]
-        lengths = [n_patch + cls_off if reduced else f.shape[0] for f in feats]
-        layouts = anatomy.layouts(
-            lengths, state.image_sizes if state.image_sizes is not None else kw.get("image_sizes")
+        original_pos = self.original_positions(kw)
+        mm = _encode(seq, kw)
+        inputs = {**{k: v for e in state.encoder_inputs.values() for k, v in e.items()},
+                  **{k: v for k, v in kw.items() if v is not None}}
+        state.encoder_inputs = {}
+        feats = {m: list(mm[m].pooler_output) for m in mm if mm[m] is not None}
+        cls_off = seq.feature_cls(inputs)
+        images = feats.get("image", [])
+        self.reduced = bool(
+            state.vision_orig is not None and state.vision_records and state.vision_orig.shape[0] == len(images)
         )
-        b_size, seq = ids.shape
-        is_img = ids == image_token
-        rows = _assign_images(is_img, lengths)
+        n_patch = anatomy.vision.grid[0] * anatomy.vision.grid[1]
+        lengths = {m: [f.shape[0] for f in fs] for m, fs in feats.items()}
+        if self.reduced:
+            lengths["image"] = [n_patch + cls_off] * len(images)
+        rows = _items(seq, ids, lengths)
+        for mod in seq.modalities:
+            if lengths.get(mod.name):
+                layouts = mod.layouts(lengths[mod.name], inputs)
+                for it in (it for row in rows for it in row if it.modality is mod):
+                    it.layout = layouts[it.index]
+        self.cls_off = cls_off
+        kept, new_row_feats, trace = self.choose(ids, rows, feats)
+        return self.compact(kw, ids, am, rows, mm, feats, kept, new_row_feats, trace, original_pos)
 
-        def available(i: int, orig: torch.Tensor | None = None) -> torch.Tensor:
-            """Original visual indices (within image i) still present after the encoder."""
-            if not reduced:
-                return torch.arange(lengths[i])
-            orig = state.vision_orig[i] if orig is None else orig
-            return torch.cat([torch.arange(cls_off), orig.cpu() + cls_off])
+    def original_positions(self, kw: dict) -> torch.Tensor | None:
+        """The position ids the model would use for the unpruned prompt (None: 1-D defaults)."""
+        if kw.get("position_ids") is not None:
+            return kw["position_ids"]
+        if self.seq.original_positions is not None:
+            return self.seq.original_positions(kw)
+        return None
 
-        def per_row(fn) -> torch.Tensor:
-            out = []
-            for imgs in rows:
-                offs = [sum(lengths[j] for j in imgs[:k]) for k in range(len(imgs))]
-                out.append(
-                    torch.cat([fn(i) + o for i, o in zip(imgs, offs)]) if imgs else torch.zeros(0, dtype=torch.long)
-                )
-            return pad_rows(out)
+    def available(self, it: Item, orig: torch.Tensor | None = None) -> torch.Tensor:
+        """Original visual indices (within the item) still present after the encoder (after the
+        vision-site stage that left ``orig``, by default the last one)."""
+        if not (self.reduced and it.modality.name == "image"):
+            return torch.arange(it.length)
+        orig = self.state.vision_orig if orig is None else orig
+        return torch.cat([torch.arange(self.cls_off), orig[it.index].cpu() + self.cls_off])
 
-        trace = Trace(is_img.sum(-1).cpu(), anatomy.llm.num_layers, "llm")
-        for name, layer, orig in state.vision_records if reduced else []:
-            trace.stages.append(StageRecord(name, "vision", layer, per_row(lambda i, o=orig: available(i, o[i]))))
-        cand = per_row(available)  # (B, N) original indices of tokens that reached the projector
-        dim = feats[0].shape[-1] if feats else 0
-        row_feats = torch.zeros(b_size, cand.shape[1], dim, dtype=feats[0].dtype if feats else None, device=ids.device)
-        for b, imgs in enumerate(rows):
-            if imgs:
-                f = torch.cat([feats[i] for i in imgs])
+    def per_row(self, rows: list[list[Item]], fn) -> torch.Tensor:
+        out = []
+        for row in rows:
+            offs = [sum(it.length for it in row[:k]) for k in range(len(row))]
+            out.append(torch.cat([fn(it) + o for it, o in zip(row, offs)]) if row else torch.zeros(0, dtype=torch.long))
+        return pad_rows(out)
+
+    def choose(self, ids: torch.Tensor, rows: list[list[Item]], feats: dict):
+        """Candidates, the stage's selection and the trace: kept original visual indices per row
+        (B, K) and the features (B, K, D) of the kept slots."""
+        state, stage = self.state, self.stage
+        is_vis = self.is_visual(ids)
+        trace = Trace(is_vis.sum(-1).cpu(), self.anatomy.llm.num_layers, "llm")
+        for name, layer, orig in state.vision_records if self.reduced else []:
+            trace.stages.append(
+                StageRecord(name, "vision", layer, self.per_row(rows, lambda it, o=orig: self.available(it, o)))
+            )
+        cand = self.per_row(rows, self.available)  # (B, N) original indices of tokens that reached the projector
+        any_feat = next((f for fs in feats.values() for f in fs), None)
+        dim = any_feat.shape[-1] if any_feat is not None else 0
+        row_feats = torch.zeros(ids.shape[0], cand.shape[1], dim,
+                                dtype=any_feat.dtype if any_feat is not None else None, device=ids.device)
+        for b, row in enumerate(rows):
+            if row:
+                f = torch.cat([feats[it.modality.name][it.index] for it in row])
                 row_feats[b, : f.shape[0]] = f
-        meta = row_meta([[layouts[i] for i in imgs] for imgs in rows])
-        kept, new_row_feats = cand, row_feats
-        if stage is not None:
-            geometry = take_meta(meta, cand)
-            scorers = tower_scorers(rows, layouts, cand, geometry) if captured else {}
-            ctx = Context("pre_llm", -1, cand, geometry, row_feats, scorers, project=projector)
-            sel = stage.select(ctx)
-            sel, new_row_feats = sel if isinstance(sel, tuple) else (sel, gather_cols(row_feats, sel.to(ids.device)))
-            kept = torch.where(sel >= 0, torch.gather(cand, 1, sel.clamp(min=0).cpu()), -1)
-            trace.stages.append(StageRecord(stage.name, "pre_llm", -1, kept))
-        # compaction: text columns stay, visual columns stay when their original index is kept
-        visual = torch.where(is_img, is_img.cumsum(-1) - 1, -1)
-        table = torch.zeros(b_size, max(1, int(is_img.sum(-1).max())), dtype=torch.bool)
+        self.meta = row_meta([[it.layout for it in row] for row in rows])
+        trace.meta = self.meta
+        if stage is None:
+            return cand, row_feats, trace
+        geometry = take_meta(self.meta, cand)
+        scorers = self.scorers(rows, cand, geometry) if self.captured else {}
+        projector = getattr(self.anatomy.vlm_core, "multi_modal_projector", None)
+        ctx = Context("pre_llm", -1, cand, geometry, row_feats, scorers, project=projector)
+        sel = stage.select(ctx)
+        sel, new_row_feats = sel if isinstance(sel, tuple) else (sel, gather_cols(row_feats, sel.to(ids.device)))
+        kept = torch.where(sel >= 0, torch.gather(cand, 1, sel.clamp(min=0).cpu()), -1)
+        trace.stages.append(StageRecord(stage.name, "pre_llm", -1, kept))
+        return kept, new_row_feats, trace
+
+    def scorers(self, rows: list[list[Item]], cand: torch.Tensor, geometry: dict) -> dict:
+        vp = self.anatomy.vision
+        if vp.tower == "batched":
+            return _batched_scorers(vp, self.state, rows, cand, geometry)
+        return vp.scorers(self.state.vision_capture, rows, cand, geometry)
+
+    def is_visual(self, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(ids, dtype=torch.bool)
+        for mod in self.seq.modalities:
+            out |= ids == mod.token_id
+        return out
+
+    def split_features(self, rows, mm, kept, new_row_feats) -> dict:
+        """The encoder outputs with each item's kept features (and its aligned extras)."""
+        per_mod: dict[str, list] = {m: [None] * len(o.pooler_output) for m, o in mm.items() if o is not None}
+        aligned: dict[str, dict[str, list]] = {}
+        for b, row in enumerate(rows):
+            k = kept[b][kept[b] >= 0]
+            f = new_row_feats[b, : k.numel()]
+            start = 0
+            for it in row:
+                local = k[(k >= start) & (k < start + it.length)] - start
+                per_mod[it.modality.name][it.index] = f[: local.numel()]
+                f = f[local.numel():]
+                start += it.length
+                for name in it.modality.aligned:
+                    per_layer = getattr(mm[it.modality.name], name)
+                    slot = aligned.setdefault(it.modality.name, {}).setdefault(
+                        name, [[None] * len(per_mod[it.modality.name]) for _ in per_layer])
+                    for j, layer_feats in enumerate(per_layer):
+                        slot[j][it.index] = layer_feats[it.index][local.to(layer_feats[it.index].device)]
+        return {m: _with_features(mm[m], per_mod[m], aligned.get(m, {})) for m in per_mod}
+
+    def compact(self, kw, ids, am, rows, mm, feats, kept, new_row_feats, trace, original_pos) -> dict:
+        """Text columns stay, visual columns stay when their original index is kept."""
+        state, seq = self.state, self.seq
+        b_size, length = ids.shape
+        is_vis = self.is_visual(ids)
+        visual = torch.where(is_vis, is_vis.cumsum(-1) - 1, -1)
+        table = torch.zeros(b_size, max(1, int(is_vis.sum(-1).max())), dtype=torch.bool)
         for b in range(b_size):
             table[b, kept[b][kept[b] >= 0]] = True
-        keep = ~is_img | (is_img & torch.gather(table.to(ids.device), 1, visual.clamp(min=0)))
+        keep = ~is_vis | (is_vis & torch.gather(table.to(ids.device), 1, visual.clamp(min=0)))
         cols = columns_from_keep(keep)
-        new_feats = []
-        for b, imgs in enumerate(rows):
-            k_b = int((kept[b] >= 0).sum())
-            f = new_row_feats[b, :k_b]
-            img_of = torch.tensor([j for j, i in enumerate(imgs) for _ in range(lengths[i])], dtype=torch.long)
-            counts = torch.bincount(img_of[kept[b][kept[b] >= 0]], minlength=len(imgs)).tolist() if imgs else []
-            new_feats.extend(f.split(counts))
         fillers = bool((cols < 0).any())
-        identity = not fillers and cols.shape[1] == seq
-        kw["input_ids"] = gather_cols(ids, cols, fill=anatomy.pad_token_id)
+        identity = not fillers and cols.shape[1] == length
+        kw["input_ids"] = gather_cols(ids, cols, fill=self.anatomy.pad_token_id)
+        for name in seq.per_token:
+            if kw.get(name) is not None:
+                kw[name] = gather_cols(kw[name], cols, fill=0)
         if am is not None or fillers:
             base = am if am is not None else torch.ones_like(ids)
             kw["attention_mask"] = gather_cols(base, cols, fill=0)
-        pos = kw.get("position_ids")
-        base_pos = pos if pos is not None else torch.arange(seq, device=ids.device)[None]
-        new_pos = gather_cols(base_pos, cols, fill=1)
-        if pos is not None or not identity:
-            kw["position_ids"] = new_pos
-        kw["mm_encoder_outputs"] = {**mm, "image": BaseModelOutputWithPooling(pooler_output=new_feats)}
+        if not identity:
+            pos = original_pos if original_pos is not None else torch.arange(length, device=ids.device)[None]
+            kw["position_ids"] = gather_last(pos, cols, fill=1)
+        new_pos = kw.get("position_ids")
+        if seq.positions == "1d":
+            new_pos = (new_pos if new_pos is not None else torch.arange(length, device=ids.device)[None])
+            new_pos = new_pos.expand(b_size, -1)
+        else:
+            new_pos = None
+        kw["mm_encoder_outputs"] = self.split_features(rows, mm, kept, new_row_feats)
         cache = kw.get("past_key_values")
-        state.prompt = None if identity else PromptMap(cols, seq, weakref.ref(cache) if cache is not None else None)
+        state.prompt = None if identity else PromptMap(cols, length, weakref.ref(cache) if cache is not None else None)
         real = (
             kw["attention_mask"].bool()
             if kw.get("attention_mask") is not None
             else torch.ones_like(cols, dtype=torch.bool)
         )
-        state.llm_input = LLMInput(gather_cols(visual, cols, fill=-1), real, new_pos.expand(b_size, -1), meta)
+        state.llm_input = LLMInput(gather_cols(visual, cols, fill=-1), real, new_pos, self.meta)
         state.llm_stages = []
         state.trace = trace
         return kw
 
-    def decode(kw: dict) -> dict | None:
-        pm = state.prompt
-        if pm is None:
-            return None
-        cache = kw.get("past_key_values")
-        past = cache_length(cache)
-        new_len = pm.cols.shape[1]
-        ids = kw.get("input_ids")
-        ref = kw.get("inputs_embeds") if ids is None else ids
-        q = ref.shape[1]
-        t = past - new_len
-        if t < 0:
-            return None
-        full = pm.prompt_len + t + q
-        am = kw.get("attention_mask")
-        if am is None and bool((pm.cols < 0).any()):
-            am = torch.ones(pm.cols.shape[0], full, dtype=torch.long, device=ref.device)
-        if am is not None:
-            if am.shape[-1] != full:
-                return None  # not the sequence this prompt map belongs to
-            head = gather_cols(am[:, : pm.prompt_len], pm.cols, fill=0)
-            kw["attention_mask"] = torch.cat([head, am[:, pm.prompt_len :]], dim=-1)
-        if kw.get("position_ids") is None:
-            kw["position_ids"] = (torch.arange(q, device=ref.device) + past + pm.prompt_len - new_len)[None]
-        return kw
+
+def _decode(anatomy, state: ForwardState, kw: dict) -> dict | None:
+    """Re-index ``generate()``'s full-length 2-D mask to the compacted prompt; without position
+    ids, give the new tokens those of the unpruned sequence's continuation."""
+    pm = state.prompt
+    if pm is None:
+        return None
+    cache = kw.get("past_key_values")
+    past = cache_length(cache)
+    new_len = pm.cols.shape[1]
+    ids = kw.get("input_ids")
+    ref = kw.get("inputs_embeds") if ids is None else ids
+    q = ref.shape[1]
+    t = past - new_len
+    if t < 0:
+        return None
+    full = pm.prompt_len + t + q
+    am = kw.get("attention_mask")
+    if am is None and bool((pm.cols < 0).any()):
+        am = torch.ones(pm.cols.shape[0], full, dtype=torch.long, device=ref.device)
+    if am is not None:
+        if am.shape[-1] != full:
+            return None  # not the sequence this prompt map belongs to
+        head = gather_cols(am[:, : pm.prompt_len], pm.cols, fill=0)
+        kw["attention_mask"] = torch.cat([head, am[:, pm.prompt_len :]], dim=-1)
+    if kw.get("position_ids") is None:
+        past_full = past + pm.prompt_len - new_len
+        seq = anatomy.sequence
+        if seq.continuation is not None:
+            kw["position_ids"] = seq.continuation(past_full, q, ref.shape[0], ref.device)
+        else:
+            kw["position_ids"] = (torch.arange(q, device=ref.device) + past_full)[None]
+    return kw
+
+
+def install_pre_llm(anatomy, stage: Stage | None, state: ForwardState, hooks: HookSet) -> None:
+    """Hook ``anatomy.vlm_core`` so every prefill is traced and, with a stage, reduced."""
+    seq = anatomy.sequence
+    record_encoder_inputs(anatomy, state, hooks)
+    captured = _capture_tower(anatomy, stage, state, hooks)
 
     def hook(mod, kw: dict):
         mm = kw.get("mm_encoder_outputs") or {}
-        pv = kw.get("pixel_values")
-        has_images = mm.get("image") is not None or (pv is not None and pv.numel() > 0)
+        has_visual = any(mm.get(m.name) is not None or _present(kw, m) for m in seq.modalities)
         if cache_length(kw.get("past_key_values")) == 0:
-            if not has_images:
+            if not has_visual:
                 state.prompt, state.llm_input, state.llm_stages = None, None, []
                 return None
-            return prefill(kw)
-        return decode(kw)
+            return _Prefill(anatomy, stage, captured, state)(kw)
+        return _decode(anatomy, state, kw)
 
-    hooks.pre(core, hook)
+    hooks.pre(anatomy.vlm_core, hook)

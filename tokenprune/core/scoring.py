@@ -44,6 +44,7 @@ def query_logits(
     mask: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
     rotated: bool = True,
+    norms: tuple[nn.Module | None, nn.Module | None] = (None, None),
 ) -> torch.Tensor:
     """Masked attention logits of chosen query columns to all keys of one decoder-layer call.
 
@@ -54,14 +55,19 @@ def query_logits(
     additive) or None (plain causal). ``keys`` (B, H_kv, L, d) are the layer's keys if already at
     hand: post-RoPE from the KV cache (``rotated=True``) or the ``k_proj`` output before RoPE
     (``rotated=False``, see :func:`split_heads`); None projects them from ``hidden``. GQA query
-    heads are scored against their shared key head, as the model repeats it. Returns float32
-    (B, H, Q, L), -inf where masked.
+    heads are scored against their shared key head, as the model repeats it. ``norms`` are the
+    per-head query / key norms the layer applies before RoPE (Qwen3), if any (applied here to the
+    queries and to keys not taken from the cache). Returns float32 (B, H, Q, L), -inf where masked.
     """
     b, n, _ = hidden.shape
     hq = torch.gather(hidden, 1, query_cols[..., None].expand(-1, -1, hidden.shape[-1]))
     q = _heads(attn.q_proj, hq, attn.head_dim)
+    if norms[0] is not None:
+        q = norms[0](q)
     if keys is None:
         keys, rotated = _heads(attn.k_proj, hidden, attn.head_dim), False
+    if not rotated and norms[1] is not None:
+        keys = norms[1](keys)
     if position_embeddings is not None:
         if not rotated:
             keys = apply_rope(keys, *position_embeddings)

@@ -62,7 +62,7 @@ class Reduction:
     assign: torch.Tensor | None = None
 
 
-META = ("image", "partition", "tile", "row", "col", "y", "x")
+META = ("image", "partition", "tile", "row", "col", "y", "x", "frame")
 
 
 @dataclass
@@ -72,9 +72,10 @@ class Context:
     ``orig`` (B, N) are their original visual-token indices (-1 = padding), ``n`` (B,) how many
     each row has. ``meta`` holds per-candidate geometry from the adapter's layouts: ``image``
     (which image of the sample), ``partition`` (base image / tile / newline group id, unique per
-    sample), ``tile``, ``row``, ``col`` (patch coordinates in the tile) and ``y``, ``x``
-    (normalised centre in the image). ``features`` are the candidates' vectors at this site
-    (B, N, D): projected image features before the LLM, hidden states in the encoder or LLM.
+    sample), ``tile``, ``row``, ``col`` (patch coordinates in the tile), ``y``, ``x``
+    (normalised centre in the image) and ``frame`` (video frame, 0 for images). ``features`` are
+    the candidates' vectors at this site (B, N, D): projected image features before the LLM,
+    hidden states in the encoder or LLM.
     ``size`` (vision site) is how many original patches each candidate averages (after merging).
     ``project`` (pre-LLM site) maps encoder features (e.g. ``ctx.get("hidden", layer=...)``, the
     output of a captured encoder layer, or sums of them) into the LLM's feature space with the

@@ -39,6 +39,7 @@ def row_meta(per_row: list[list[ImageLayout]]) -> dict[str, torch.Tensor]:
             parts["partition"].append(part)
             for k in ("tile", "row", "col", "y", "x"):
                 parts[k].append(getattr(lay, k))
+            parts["frame"].append(lay.frame if lay.frame is not None else torch.zeros_like(lay.tile))
         rows.append({k: torch.cat(v) if v else torch.zeros(0) for k, v in parts.items()})
     width = max((int(r["tile"].numel()) for r in rows), default=0)
     out = {}
@@ -63,7 +64,7 @@ class LLMInput:
 
     visual: torch.Tensor  # (B, L) original visual index of each column, -1 for text/padding
     real: torch.Tensor  # (B, L) bool: not padding
-    positions: torch.Tensor  # (B, L) position ids the LLM was given
+    positions: torch.Tensor | None  # (B, L) 1-D position ids the LLM was given (None: M-RoPE)
     meta: dict[str, torch.Tensor]
 
 
@@ -102,7 +103,7 @@ class ForwardState:
     vision_capture: dict = field(default_factory=dict)  # layer -> normalised attention input
     vision_mask: torch.Tensor | None = None  # attention-mask override for later encoder layers
     vision_records: list[tuple[str, int, torch.Tensor]] = field(default_factory=list)
-    image_sizes: torch.Tensor | None = None
+    encoder_inputs: dict = field(default_factory=dict)  # modality -> arguments generate() encoded it with
     prompt: PromptMap | None = None
     llm_input: LLMInput | None = None
     llm_stages: list[LLMStageState] = field(default_factory=list)

@@ -57,7 +57,10 @@ class Trace:
 
     ``unpruned`` (B,) is each sample's visual-token count before any reduction; ``num_layers`` the
     number of layers the budget is averaged over and ``budget_site`` where they are: ``"llm"``
-    (decoder layers of a VLM) or ``"vision"`` (layers of a standalone encoder).
+    (decoder layers of a VLM) or ``"vision"`` (layers of a standalone encoder). ``meta`` (VLMs)
+    holds the geometry of every original visual token, (B, N) tensors indexed like ``kept``:
+    ``image`` (which image / video of the sample), ``frame`` (video frame), ``tile``, ``row``,
+    ``col``, ``y``, ``x``, ``partition`` (see :class:`~tokenprune.core.stage.Context`).
     """
 
     unpruned: torch.Tensor
@@ -65,6 +68,7 @@ class Trace:
     budget_site: str
     stages: list[StageRecord] = field(default_factory=list)
     early_exit: ExitRecord | None = None
+    meta: dict[str, torch.Tensor] | None = None
 
     def tokens_entering(self, layer: int) -> torch.Tensor:
         """Visual tokens per sample entering ``layer`` of the budgeted stack (B,)."""

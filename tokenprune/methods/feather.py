@@ -59,8 +59,11 @@ MIN_FIRST_KEEP = 0.25  # budget mode: below this stage-1 share, the stages move 
 
 
 def grid_share(anatomy: Anatomy, stride: int) -> float:
-    """Share of a full patch grid on the uniform ``stride`` grid (64 / 576 for 24x24, stride 3)."""
+    """Share of a full patch grid on the uniform ``stride`` grid (64 / 576 for 24x24, stride 3);
+    1 / stride² on towers without a fixed grid (Qwen: every image has its own)."""
     rows, cols = anatomy.vision.grid
+    if rows * cols == 0:
+        return 1.0 / stride**2
     return math.ceil(rows / stride) * math.ceil(cols / stride) / (rows * cols)
 
 

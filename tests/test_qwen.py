@@ -1,0 +1,268 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (issue #18): tiny random-weight models from configs.
+
+Packed vision tower, 2x2 merged units as visual tokens, M-RoPE (3, B, L) positions that kept tokens
+keep, ``mm_token_type_ids`` compacted with ``input_ids``, Qwen3-VL deepstack features pruned with
+their tokens."""
+
+import re
+
+import pytest
+import tiny
+import torch
+from test_core_cache import Fixed
+
+import tokenprune
+from tokenprune.errors import SiteError, TokenPruneError
+from tokenprune.methods import REGISTRY
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+SERVED = {"random", "uniform", "fastv", "pdrop", "feather"}  # methods that must run (not refuse) on Qwen
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+def _model(family: str, attn: str = "sdpa"):
+    model = getattr(tiny, family)()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def _generate(model, inputs, n=5):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+
+
+def _row(inputs: dict, b: int) -> dict:
+    """Sample ``b`` of a left-padded batch on its own (padding removed, its images only)."""
+    real = inputs["attention_mask"][b].bool()
+    out = {k: inputs[k][b: b + 1, real] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for kind, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        grid = inputs.get(f"{kind}_grid_thw")
+        if grid is None:
+            continue
+        types = inputs["mm_token_type_ids"]
+        code = 1 if kind == "image" else 2
+        per_item = (grid.prod(-1) // 4).tolist()
+        counts = [int((t == code).sum()) for t in types]
+        first = sum(counts[:b])
+        items, seen = [], 0
+        for i, n in enumerate(per_item):
+            if first <= seen < first + counts[b]:
+                items.append(i)
+            seen += n
+        if not items:
+            continue
+        patch_counts = grid.prod(-1).tolist()
+        start = sum(patch_counts[: items[0]])
+        stop = start + sum(patch_counts[i] for i in items)
+        out[pixels] = inputs[pixels][start:stop]
+        out[f"{kind}_grid_thw"] = grid[items]
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_every_method_is_exact_at_full_budget_or_refused(family, attn):
+    model = _model(family, attn)
+    inputs = tiny.qwen_batch()
+    ref_tokens, ref_logits = _generate(model, inputs)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    served = set()
+    for name in sorted(REGISTRY):
+        try:
+            handle = tokenprune.patch(model, name, budget=1.0)
+        except TokenPruneError as err:  # a typed refusal at patch(), naming the parameter
+            assert name not in SERVED, (name, err)
+            assert re.match(r"^[a-z_]+: ", str(err)), err
+            continue
+        with handle:
+            with torch.no_grad():
+                assert torch.equal(model(**inputs).logits, ref), name
+            tokens, logits = _generate(model, inputs)
+            assert torch.equal(tokens, ref_tokens), name
+            assert torch.equal(logits, ref_logits), name
+            assert handle.trace.realized_budget == 1.0, name
+        served.add(name)
+    assert SERVED <= served
+
+
+def _hooks(model) -> set:
+    return {(name, k) for name, m in model.named_modules() for d in (m._forward_pre_hooks, m._forward_hooks) for k in d}
+
+
+def test_remove_restores_exactly(family):
+    model = _model(family)
+    inputs = tiny.qwen_batch()
+    ref_tokens, ref_logits = _generate(model, inputs)
+    hooks_before = _hooks(model)
+    handle = tokenprune.patch(model, "fastv", budget=0.4)
+    pruned, _ = _generate(model, inputs)
+    handle.remove()
+    tokens, logits = _generate(model, inputs)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits)
+    assert _hooks(model) == hooks_before
+    assert "get_image_features" not in model.model.__dict__
+    assert pruned.shape == ref_tokens.shape
+
+
+CASES = [
+    ("random", {}),
+    ("uniform", {}),
+    ("fastv", {}),
+    ("uniform", {"site": "llm", "layer": 1}),
+]
+
+
+def _samples(kind: str) -> list[list]:
+    a, b = tiny.QWEN_PROMPTS[0].split("{}"), tiny.QWEN_PROMPTS[1].split("{}")
+    if kind == "sizes":  # two images of different sizes: different token counts, left padding
+        return [[a[0], ("image", (40, 72)), a[1]], [b[0], ("image", (32, 32)), b[1]]]
+    if kind == "two_images":
+        return [[a[0], ("image", (40, 40)), " and ", ("image", (32, 48)), a[1]], [b[0], ("image", (32, 32)), b[1]]]
+    return [[a[0], ("video", (4, 32, 48)), a[1]], [b[0], ("image", (48, 32)), b[1]]]  # video: 2 frames, 2 x 3 units
+
+
+@pytest.mark.parametrize("kind", ["sizes", "two_images", "video"])
+@pytest.mark.parametrize("method,params", CASES)
+def test_batch_equals_samples_alone(family, kind, method, params):
+    model = _model(family)
+    inputs = tiny.qwen_inputs(_samples(kind))
+    with tokenprune.patch(model, method, budget=0.5, **params) as handle:
+        tokens, logits = _generate(model, inputs)
+        kept = handle.trace.stages[-1].kept
+        assert 0.45 < handle.trace.realized_budget < 0.6
+        for b in range(2):
+            alone_tokens, alone_logits = _generate(model, _row(inputs, b))
+            assert torch.equal(tokens[b: b + 1], alone_tokens), (b, kind)
+            assert torch.allclose(logits[b: b + 1], alone_logits, atol=1e-4), (b, kind)
+            alone = handle.trace.stages[-1].kept[0]
+            assert torch.equal(alone[alone >= 0], kept[b][kept[b] >= 0]), (b, kind)
+
+
+def test_video_tokens_are_pruned_per_frame(family):
+    model = _model(family)
+    inputs = tiny.qwen_inputs(_samples("video"))
+    with tokenprune.patch(model, "uniform", budget=0.5) as handle:
+        _generate(model, inputs, 2)
+    meta = handle.trace.meta
+    frames = meta["frame"][0]
+    assert frames.tolist() == [0] * 6 + [1] * 6  # 4 frames / temporal patch 2 = 2 frames of 2 x 3 units
+    kept = handle.trace.stage("uniform").kept[0]
+    kept = kept[kept >= 0]
+    per_frame = torch.bincount(frames[kept], minlength=2).tolist()
+    assert per_frame == [3, 3]  # uniform spreads the budget evenly over the frames
+
+
+def _reference_logits(model, inputs, kept: torch.Tensor, n: int):
+    """The unpatched language model on inputs_embeds with the non-kept visual tokens removed, every
+    kept token at its ORIGINAL 3-D position, then greedy decoding with the unpruned continuation."""
+    core = model.model
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        out = core.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+        embeds = core.get_input_embeddings()(ids)
+        is_img = ids == model.config.image_token_id
+        embeds = embeds.masked_scatter(is_img[..., None], torch.cat(out.pooler_output)[None])
+        pos, delta = core.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                         image_grid_thw=inputs["image_grid_thw"])
+        img_cols = is_img[0].nonzero().flatten()
+        cols = torch.cat([(~is_img[0]).nonzero().flatten(), img_cols[kept]]).sort().values
+        extra = {}
+        if getattr(out, "deepstack_features", None) is not None:  # Qwen3-VL: kept tokens' deepstack features
+            extra = {"visual_pos_masks": is_img[:, cols],
+                     "deepstack_visual_embeds": [torch.cat(f)[kept] for f in out.deepstack_features]}
+        lm = core.language_model
+        h = lm(inputs_embeds=embeds[:, cols], position_ids=pos[:, :, cols], use_cache=True, **extra)
+        cache, steps = h.past_key_values, [model.lm_head(h.last_hidden_state)]
+        for t in range(n - 1):
+            nxt = steps[-1][:, -1].argmax(-1, keepdim=True)
+            p = (torch.tensor([[ids.shape[1] + t]]) + delta)[None].expand(3, -1, -1)
+            h = lm(inputs_embeds=core.get_input_embeddings()(nxt), position_ids=p, past_key_values=cache,
+                   use_cache=True)
+            steps.append(model.lm_head(h.last_hidden_state))
+    return steps
+
+
+@pytest.mark.parametrize("method", ["random", "uniform"])
+def test_pre_llm_pruning_equals_independent_reference(family, method):
+    model = _model(family)
+    inputs = tiny.qwen_inputs(_samples("sizes")[:1])
+    with tokenprune.patch(model, method, budget=0.3) as handle:
+        with torch.no_grad():
+            prefill = model(**inputs).logits
+        tokens, logits = _generate(model, inputs, 4)
+    kept = handle.trace.stage(method).kept[0]
+    steps = _reference_logits(model, inputs, kept, 4)
+    assert torch.allclose(prefill, steps[0], atol=1e-4)
+    assert torch.allclose(logits[0], torch.cat([s[:, -1] for s in steps]), atol=1e-4)
+    assert tokens[0].tolist() == [int(s[0, -1].argmax()) for s in steps]
+
+
+def test_fastv_keeps_the_eager_top_k(family):
+    model = _model(family, "eager")
+    inputs = tiny.qwen_batch()
+    k = 2
+    with torch.no_grad():
+        att = model(**inputs, output_attentions=True).attentions[k - 1][:, :, -1].mean(1)  # (B, L)
+    with tokenprune.patch(model, "fastv", k=k, r=0.6) as handle, torch.no_grad():
+        model(**inputs)
+    is_img = inputs["input_ids"] == model.config.image_token_id
+    for b in range(2):
+        kept = handle.trace.stage("fastv").kept[b]
+        kept = kept[kept >= 0]
+        scores = att[b][is_img[b]]
+        want = scores.topk(kept.numel()).indices.sort().values
+        assert kept.numel() == round(0.4 * int(is_img[b].sum()))
+        assert torch.equal(kept, want), b
+
+
+@pytest.mark.parametrize("site,layer", [("llm", 1), ("llm", 3), ("pre_llm", -1)])
+def test_cache_decode_equals_cache_free_recomputation(family, site, layer):
+    """Kept set fixed; every decode step's logits equal a cache-free run of the prompt plus the
+    generated tokens (positions from the model's own rope index on the unpruned sequence). At
+    layer 1, Qwen3-VL's deepstack addition after layer 1 acts on the pruned sequence."""
+    model = _model(family)
+    inputs = tiny.qwen_batch(sizes=((96, 128), (64, 64)))  # 48 and 16 merged units
+    kept = ((0, 2, 3, 7, 8, 15, 20, 31), (1, 4, 5, 9))
+    n = 4
+    with tokenprune.patch(model, Fixed(kept=kept, site=site, layer=layer)) as handle:
+        tokens, step_logits = _generate(model, inputs, n)
+        assert [r[r >= 0].tolist() for r in handle.trace.stage("fixed").kept] == [list(k) for k in kept]
+        for t in range(n):
+            pad = torch.ones_like(tokens[:, :t])
+            extended = {**inputs,
+                        "input_ids": torch.cat([inputs["input_ids"], tokens[:, :t]], 1),
+                        "attention_mask": torch.cat([inputs["attention_mask"], pad], 1),
+                        "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], 0 * pad], 1)}
+            with torch.no_grad():
+                logits = model(**extended, use_cache=False).logits[:, -1]
+            assert torch.allclose(logits, step_logits[:, t], atol=1e-4), t
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.25, 0.5])
+@pytest.mark.parametrize("method,params", [("random", {}), ("uniform", {}), ("fastv", {}),
+                                           ("pdrop", {"positions": "keep"}), ("uniform", {"site": "llm"})])
+def test_realized_budget_counts_merged_units(family, budget, method, params):
+    model = getattr(tiny, family)(layers=16)  # 0.1 is out of reach after layer 1 of 8
+    inputs = tiny.qwen_batch(sizes=((96, 128), (64, 64)))  # 12 x 16 and 8 x 8 patches
+    n_units = (inputs["image_grid_thw"].prod(-1) // 4).tolist()
+    with tokenprune.patch(model, method, budget=budget, **params) as handle, torch.no_grad():
+        model(**inputs)
+    trace = handle.trace
+    assert n_units == [48, 16] and trace.unpruned.tolist() == n_units  # a visual token is a 2x2 merged unit
+    assert abs(trace.realized_budget - budget) <= max(0.02, 1 / min(n_units)), (method, trace.realized_budget)
+
+
+def test_refusals_are_typed(family):
+    model = _model(family)
+    with pytest.raises(SiteError, match="positions"):
+        tokenprune.patch(model, "pdrop", budget=0.5)  # renumbering has no 3-D meaning
+    with pytest.raises(SiteError, match="packed"):
+        tokenprune.patch(model, "tome", budget=0.5)
+    with pytest.raises(SiteError, match="packed"):
+        tokenprune.patch(model, "random", budget=0.5, site="vision")

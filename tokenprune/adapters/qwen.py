@@ -1,0 +1,141 @@
+"""Adapters for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (``*ForConditionalGeneration`` and their
+``*Model`` cores).
+
+What differs from LLaVA, as declarations the engine reads:
+
+- images and videos (``pixel_values`` / ``pixel_values_videos``) are two modalities with their own
+  placeholder tokens, encoded by ``get_image_features(pixel_values, image_grid_thw)`` /
+  ``get_video_features(pixel_values_videos, video_grid_thw)``; ``mm_token_type_ids`` travels with
+  ``input_ids``;
+- a visual token is what the LLM sees: one 2x2 merged unit of the vision tower, laid out on the
+  (h/2) x (w/2) merged grid of its image, frame after frame for a video;
+- positions are M-RoPE: (3, B, L) ids from the model's own ``get_rope_index`` on the unpruned prompt
+  (``generate()`` passes (4, B, L): a text row first); kept tokens keep them, and decoding continues
+  as the unpruned sequence would, through the model's ``rope_deltas``;
+- the tower is packed (one (N_total, D) sequence, ``cu_seqlens``, windows in Qwen2.5-VL): no
+  vision-site stages there;
+- Qwen3-VL's deepstack features (added to LLM layers 0-2 at the visual positions) are aligned with
+  the merged units and pruned with them before the LLM.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from .base import Anatomy, ImageLayout, LLMParts, Modality, Sequence, VisionParts, grid_layout
+from .llava import llm_parts
+
+PACKED = (
+    "vision-site stages are not supported inside Qwen's packed vision tower (one sequence for all images, cu_seqlens)"
+)
+
+
+def frames_layout(frames: int, rows: int, cols: int, video: bool) -> ImageLayout:
+    """``frames`` raster grids of ``rows`` x ``cols`` merged units, one after the other; each
+    frame is its own partition for a video (the image's single grid is ``base``)."""
+    one = grid_layout(rows, cols)
+    n = rows * cols
+    parts = {f"frame{t}": torch.arange(t * n, (t + 1) * n) for t in range(frames)}
+    if not video:
+        parts = {"base": torch.arange(n)}
+
+    def cat(v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([v] * frames)
+
+    frame = torch.arange(frames).repeat_interleave(n)
+    return ImageLayout(tile=cat(one.tile), row=cat(one.row), col=cat(one.col), y=cat(one.y), x=cat(one.x),
+                       grid=(rows, cols), partitions=parts, frame=frame)
+
+
+def _layouts(kind: str, merge: int):
+    def layouts(lengths: list[int], inputs: dict) -> list[ImageLayout]:
+        grid = inputs.get(f"{kind}_grid_thw")
+        if grid is None:
+            raise ValueError(f"{kind}_grid_thw is required to lay out Qwen {kind} tokens")
+        out = [frames_layout(t, h // merge, w // merge, kind == "video") for t, h, w in grid.tolist()]
+        got = [lay.num_tokens for lay in out]
+        if got != list(lengths):
+            raise RuntimeError(f"Qwen {kind} layout has {got} tokens per item but the model produced {lengths}")
+        return out
+
+    return layouts
+
+
+def _packed_tower(visual: nn.Module) -> VisionParts:
+    return VisionParts(
+        layers=visual.blocks,
+        attention=lambda block: block.attn,
+        input_norm=lambda block: block.norm1,
+        has_cls=False,
+        grid=(0, 0),  # no fixed grid: every image has its own
+        mlp_norm=lambda block: block.norm2,
+        mlp=lambda block: block.mlp,
+        tower="packed",
+        vision_site=PACKED,
+    )
+
+
+def qwen_anatomy(model: nn.Module, name: str) -> Anatomy:
+    """Anatomy of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model."""
+    core = model if hasattr(model, "visual") else model.model
+    cfg = core.config
+    merge = int(cfg.vision_config.spatial_merge_size)
+    rope_params = set(inspect.signature(core.get_rope_index).parameters)
+
+    def original_positions(inputs: dict) -> torch.Tensor:
+        ids = inputs["input_ids"]
+        grids = [inputs.get(k) for k in ("image_grid_thw", "video_grid_thw")]
+        if inputs.get("mm_token_type_ids") is None or all(g is None for g in grids):
+            # what the model does without them: the 1-D position on all three axes
+            return torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1).expand(3, ids.shape[0], -1)
+        extra = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "attention_mask")
+        pos, deltas = core.get_rope_index(ids, **{k: inputs.get(k) for k in extra if k in rope_params})
+        core.rope_deltas = deltas  # as the model's own forward stores them for decoding
+        return pos
+
+    def continuation(past: int, q: int, batch: int, device) -> torch.Tensor:
+        pos = torch.arange(past, past + q, device=device).view(1, -1).expand(batch, -1)
+        if core.rope_deltas is not None:
+            pos = pos + core.rope_deltas.to(device)
+        return pos[None].expand(3, -1, -1)
+
+    def encoder(kind: str):
+        def encode(inputs: dict):
+            pixels = inputs["pixel_values" if kind == "image" else "pixel_values_videos"]
+            return getattr(core, f"get_{kind}_features")(pixels, inputs.get(f"{kind}_grid_thw"), return_dict=True)
+
+        return encode
+
+    deepstack = ("deepstack_features",) if hasattr(core.visual, "deepstack_merger_list") else ()
+    modalities = tuple(
+        Modality(kind, int(token), (pixels,), f"get_{kind}_features", encoder(kind), _layouts(kind, merge), deepstack)
+        for kind, token, pixels in (
+            ("image", cfg.image_token_id, "pixel_values"),
+            ("video", cfg.video_token_id, "pixel_values_videos"),
+        )
+    )
+    llm: LLMParts = llm_parts(core.language_model)
+    if hasattr(llm.attention(llm.layers[0]), "q_norm"):  # Qwen3: RMS norm per head on queries and keys
+        llm.head_norms = lambda attn: (attn.q_norm, attn.k_norm)
+    if hasattr(core.language_model, "_deepstack_process"):  # Qwen3: deepstack features after layers 0..n-1
+        llm.injections = ((core.language_model, "_deepstack_process"),)
+    return Anatomy(
+        name=name,
+        model=model,
+        vision=_packed_tower(core.visual),
+        llm=llm,
+        vlm_core=core,
+        image_token_id=int(cfg.image_token_id),
+        feature_layer=None,
+        sequence=Sequence(
+            modalities,
+            per_token=("mm_token_type_ids",),
+            positions="mrope",
+            original_positions=original_positions,
+            continuation=continuation,
+        ),
+        pad_token_id=int(getattr(cfg.text_config, "pad_token_id", None) or 0),
+    )
