@@ -4,19 +4,22 @@ Packed vision tower, 2x2 merged units as visual tokens, M-RoPE (3, B, L) positio
 keep, ``mm_token_type_ids`` compacted with ``input_ids``, Qwen3-VL deepstack features pruned with
 their tokens."""
 
+import importlib
 import re
 
 import pytest
 import tiny
 import torch
 from test_core_cache import Fixed
+from transformers import AttentionInterface
+from transformers.vision_utils import get_vision_window_index
 
 import tokenprune
 from tokenprune.errors import SiteError, TokenPruneError
 from tokenprune.methods import REGISTRY
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-SERVED = {"random", "uniform", "fastv", "pdrop", "feather"}  # methods that must run (not refuse) on Qwen
+SERVED = {"random", "uniform", "fastv", "pdrop", "feather", "hired", "visionzip"}  # must run (not refuse) on Qwen
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -131,7 +134,7 @@ def _samples(kind: str) -> list[list]:
 @pytest.mark.parametrize("method,params", CASES)
 def test_batch_equals_samples_alone(family, kind, method, params):
     model = _model(family)
-    inputs = tiny.qwen_inputs(_samples(kind))
+    inputs = tiny.qwen_inputs(_samples(kind), timestamps=family == "qwen3_vl")
     with tokenprune.patch(model, method, budget=0.5, **params) as handle:
         tokens, logits = _generate(model, inputs)
         kept = handle.trace.stages[-1].kept
@@ -146,7 +149,7 @@ def test_batch_equals_samples_alone(family, kind, method, params):
 
 def test_video_tokens_are_pruned_per_frame(family):
     model = _model(family)
-    inputs = tiny.qwen_inputs(_samples("video"))
+    inputs = tiny.qwen_inputs(_samples("video"), timestamps=family == "qwen3_vl")
     with tokenprune.patch(model, "uniform", budget=0.5) as handle:
         _generate(model, inputs, 2)
     meta = handle.trace.meta
@@ -246,7 +249,8 @@ def test_cache_decode_equals_cache_free_recomputation(family, site, layer):
 
 @pytest.mark.parametrize("budget", [0.1, 0.25, 0.5])
 @pytest.mark.parametrize("method,params", [("random", {}), ("uniform", {}), ("fastv", {}),
-                                           ("pdrop", {"positions": "keep"}), ("uniform", {"site": "llm"})])
+                                           ("pdrop", {"positions": "keep"}), ("uniform", {"site": "llm"}),
+                                           ("hired", {}), ("visionzip", {})])
 def test_realized_budget_counts_merged_units(family, budget, method, params):
     model = getattr(tiny, family)(layers=16)  # 0.1 is out of reach after layer 1 of 8
     inputs = tiny.qwen_batch(sizes=((96, 128), (64, 64)))  # 12 x 16 and 8 x 8 patches
@@ -266,3 +270,75 @@ def test_refusals_are_typed(family):
         tokenprune.patch(model, "tome", budget=0.5)
     with pytest.raises(SiteError, match="packed"):
         tokenprune.patch(model, "random", budget=0.5, site="vision")
+
+
+def test_deepstack_follows_tokens_dropped_inside_the_llm():
+    """Qwen3-VL adds deepstack features after LLM layers 0 and 1: a stage at layer 1 that keeps
+    every token reproduces the model exactly (the additions are re-indexed, not misplaced), and
+    one that drops tokens adds them to the kept tokens only (a reference without the dropped
+    tokens' deepstack rows differs from the dropped ones')."""
+    model = _model("qwen3_vl")
+    inputs = tiny.qwen_batch()
+    n = (inputs["input_ids"] == model.config.image_token_id).sum(-1).tolist()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    every = tuple(tuple(range(k)) for k in n)
+    with tokenprune.patch(model, Fixed(kept=every, layer=1)), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
+    calls = []
+    lm = model.model.language_model
+    original = lm._deepstack_process
+    lm._deepstack_process = lambda h, m, e: calls.append((h.shape[1], int(m.sum()), e.shape[0])) or original(h, m, e)
+    try:
+        with tokenprune.patch(model, Fixed(kept=((0, 2), (1,)), layer=1)), torch.no_grad():
+            model(**inputs)
+    finally:
+        del lm._deepstack_process
+    full = inputs["input_ids"].shape[1]
+    assert calls[0] == (full, sum(n), sum(n))  # after layer 0: the whole sequence
+    assert calls[1][1:] == (3, 3) and calls[1][0] < full  # after layer 1: the 3 kept visual tokens
+
+
+def test_received_attention_is_the_towers_own_attention_per_merged_unit():
+    """HiRED on Qwen2.5-VL keeps the top units by the attention received at the last
+    full-attention block (the tower's own eager weights, mean over queries, summed over heads),
+    averaged per 2x2 unit and un-permuted from the window order with argsort(window_index) — the
+    same permutation that takes the merger's output to the LLM's order."""
+    model = tiny.qwen2_5_vl()
+    a = tiny.QWEN_PROMPTS[0].split("{}")
+    inputs = tiny.qwen_inputs([[a[0], ("image", (96, 128)), a[1]]])
+    visual = model.model.visual
+    eager = importlib.import_module(type(visual).__module__).eager_attention_forward
+    weights, inside, outputs = [], [], []
+
+    def record(module, q, k, v, attention_mask, **kw):
+        out, w = eager(module, q, k, v, attention_mask, **kw)
+        if inside:
+            weights.append(w)
+        return out, w
+
+    AttentionInterface.register("tp_record", record)
+    block = visual.blocks[3]  # last of fullatt_block_indexes [1, 3]
+    def leave(module, args, out):
+        inside.clear()
+        outputs.append(out)
+
+    hooks = [block.register_forward_pre_hook(lambda *a: inside.append(1)), block.register_forward_hook(leave)]
+    impl, visual.config._attn_implementation = visual.config._attn_implementation, "tp_record"
+    try:
+        with torch.no_grad():
+            pooled = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
+    finally:
+        visual.config._attn_implementation = impl
+        for h in hooks:
+            h.remove()
+    (w,) = weights  # one image: one full-attention chunk, (1, H, n, n)
+    order = torch.argsort(get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=2, window_size=32,
+                                                  patch_size=tiny.QWEN_PATCH)[0])
+    with torch.no_grad():
+        assert torch.allclose(visual.merger(outputs[0])[order], pooled)  # the permutation's direction
+    received = w[0].float().mean(1).sum(0).view(-1, 4).mean(1)[order]
+    with tokenprune.patch(model, "hired", budget=0.4) as handle, torch.no_grad():
+        model(**inputs)
+    kept = handle.trace.stage("hired").kept[0]
+    assert torch.equal(kept, received.topk(round(0.4 * 48)).indices.sort().values)

@@ -266,11 +266,13 @@ def qwen3_vl(layers: int = 8, seed: int = 0):
 QWEN_PROMPTS = ["USER: {} what is shown in the picture? ASSISTANT:", "USER: {} describe it. ASSISTANT:"]
 
 
-def qwen_inputs(samples: list[list], video_seed: int = 0) -> dict:
+def qwen_inputs(samples: list[list], video_seed: int = 0, timestamps: bool = False) -> dict:
     """Model inputs for Qwen-style VLMs, built as the processor does: ``samples`` are lists of text
     pieces and visual items, ``("image", (h, w))`` (a random image of that size, seeded by its
     order) or ``("video", (frames, h, w))`` (random patches); each item becomes vision_start, one
-    placeholder per merged unit, vision_end. Left padded; ``mm_token_type_ids`` 1 image, 2 video."""
+    placeholder per merged unit, vision_end. With ``timestamps`` (Qwen3-VL) every temporal patch of
+    a video is its own such run, after a ``<t seconds>`` text. Left padded; ``mm_token_type_ids``
+    1 image, 2 video."""
     tok = qwen_tokenizer()
     ids = _qwen_ids()
     proc = Qwen2VLImageProcessorPil(min_pixels=4 * QWEN_PATCH**2, max_pixels=256 * QWEN_PATCH**2,
@@ -299,9 +301,12 @@ def qwen_inputs(samples: list[list], video_seed: int = 0) -> dict:
                 vpixels.append(torch.randn(int(thw.prod()), 3 * 2 * QWEN_PATCH**2, generator=gen))
                 vgrids.append(thw[None])
                 token, code = ids["video_token_id"], 2
-            n = int(thw.prod()) // 4
-            row += [ids["vision_start_token_id"]] + [token] * n + [ids["vision_end_token_id"]]
-            typ += [0] + [code] * n + [0]
+            runs = int(thw[0]) if timestamps and kind == "video" else 1
+            n = int(thw.prod()) // 4 // runs
+            for t in range(runs):
+                stamp = tok(f"<{t}.0 seconds>", add_special_tokens=False)["input_ids"] if runs > 1 else []
+                row += stamp + [ids["vision_start_token_id"]] + [token] * n + [ids["vision_end_token_id"]]
+                typ += [0] * len(stamp) + [0] + [code] * n + [0]
         rows.append(row)
         types.append(typ)
     width = max(len(r) for r in rows)

@@ -61,6 +61,8 @@ class VisionParts:
     tower, else the reason they cannot (given in the typed error at ``patch()``). ``scorers``
     (packed towers) builds the pre-LLM site's encoder scores from the captured layers (see
     :mod:`tokenprune.core.prellm_site`); batched towers use the engine's CLS / key scorers.
+    ``full_attention`` lists the layers whose attention spans whole images when the others attend
+    within windows (Qwen2.5-VL); None when every layer does.
     """
 
     layers: nn.ModuleList
@@ -73,6 +75,7 @@ class VisionParts:
     tower: str = "batched"
     vision_site: str | None = None
     scorers: Callable | None = None
+    full_attention: tuple[int, ...] | None = None
 
     @property
     def num_layers(self) -> int:

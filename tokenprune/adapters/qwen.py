@@ -20,6 +20,7 @@ What differs from LLaVA, as declarations the engine reads:
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 import torch
@@ -64,7 +65,75 @@ def _layouts(kind: str, merge: int):
     return layouts
 
 
+def _window_order(visual: nn.Module, grid: torch.Tensor) -> torch.Tensor | None:
+    """Qwen2.5-VL's tower runs on merged units permuted into windows (``window_index``) and
+    un-permutes after the merger with ``argsort(window_index)``: that inverse, or None for towers
+    without windows."""
+    if not hasattr(visual, "window_size"):
+        return None
+    try:
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(
+            grid, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+            patch_size=visual.patch_size,
+        )
+    except ImportError:  # transformers before vision_utils
+        window_index, _ = visual.get_window_index(grid)
+    return torch.argsort(window_index)
+
+
+def packed_scorers(visual: nn.Module):
+    """Scores of the packed tower from one encoder call's captured blocks, one tensor per image or
+    video, per merged unit in the LLM's order. ``received_attention(layer, heads)``: the attention
+    each patch receives at block ``layer`` (softmax over keys, mean over the queries of its image,
+    or window in a windowed block; mean or sum over heads), averaged over the 2x2 patches of each
+    merged unit after undoing the window permutation — the CLS-free score that LightCompress and
+    VisionZip's Qwen port use. ``keys(layer)``: the block's head-averaged keys (before RoPE), averaged
+    per merged unit."""
+    unit = visual.spatial_merge_size**2
+    rope = importlib.import_module(type(visual).__module__).apply_rotary_pos_emb_vision
+
+    def build(capture: dict) -> dict:
+        inputs = capture["inputs"]
+        grid = inputs.get("image_grid_thw", inputs.get("video_grid_thw"))
+
+        def per_unit(values: torch.Tensor) -> list[torch.Tensor]:
+            units = values.reshape(-1, unit, *values.shape[1:]).mean(1)
+            order = _window_order(visual, grid)
+            if order is not None:
+                units = units[order.to(units.device)]
+            return list(units.split((grid.prod(-1) // unit).tolist()))
+
+        def qk(layer: int):
+            kw = capture.get(("kwargs", layer))
+            if kw is None:
+                raise RuntimeError(f"encoder block {layer} was not captured; list it in the stage's capture")
+            attn, h = visual.blocks[layer].attn, kw["hidden_states"]
+            q, k, _ = attn.qkv(h).reshape(h.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            return attn, kw, q, k
+
+        def received_attention(layer: int, heads: str = "mean") -> list[torch.Tensor]:
+            attn, kw, q, k = qk(layer)
+            q, k = rope(q, k, *kw["position_embeddings"])
+            cu = kw["cu_seqlens"].tolist()
+            out = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
+            for s, e in zip(cu[:-1], cu[1:]):
+                logits = q[s:e].transpose(0, 1).float() @ k[s:e].transpose(0, 1).float().transpose(-1, -2)
+                got = (logits * attn.scaling).softmax(-1).mean(1)  # (H, n): received, mean over queries
+                out[s:e] = got.sum(0) if heads == "sum" else got.mean(0)
+            return per_unit(out)
+
+        def keys(layer: int) -> list[torch.Tensor]:
+            return per_unit(qk(layer)[3].mean(1))
+
+        return {"received_attention": received_attention, "keys": keys}
+
+    return build
+
+
 def _packed_tower(visual: nn.Module) -> VisionParts:
+    full = getattr(visual, "fullatt_block_indexes", None)
     return VisionParts(
         layers=visual.blocks,
         attention=lambda block: block.attn,
@@ -75,6 +144,8 @@ def _packed_tower(visual: nn.Module) -> VisionParts:
         mlp=lambda block: block.mlp,
         tower="packed",
         vision_site=PACKED,
+        scorers=packed_scorers(visual),
+        full_attention=tuple(full) if full is not None else None,
     )
 
 

@@ -47,8 +47,9 @@ def record_encoder_inputs(anatomy, state: ForwardState, hooks: HookSet) -> None:
     """Wrap each modality's encoder method on the core instance (removed with the patch) to record
     its arguments: ``generate()`` encodes images before prefill and then drops arguments the layouts
     need (``image_sizes``, ``image_grid_thw``). Calls nested in another recorded call (Qwen3-VL's
-    video encoder calls the image one) are not recorded. Signatures are preserved (``generate()``
-    inspects them)."""
+    video encoder calls the image one) are not recorded. What the call's captured encoder layers
+    saw is kept per modality with those arguments (``state.vision_captures``: images and videos go
+    through the tower in separate calls). Signatures are preserved (``generate()`` inspects them)."""
     core = anatomy.vlm_core
     busy: list[bool] = []
 
@@ -61,12 +62,14 @@ def record_encoder_inputs(anatomy, state: ForwardState, hooks: HookSet) -> None:
             if busy:
                 return original(*args, **kwargs)
             bound = sig.bind_partial(*args, **kwargs).arguments
-            state.encoder_inputs[mod.name] = {**bound.pop("kwargs", {}), **bound}
+            inputs = state.encoder_inputs[mod.name] = {**bound.pop("kwargs", {}), **bound}
             busy.append(True)
             try:
-                return original(*args, **kwargs)
+                out = original(*args, **kwargs)
             finally:
                 busy.pop()
+            state.vision_captures[mod.name] = {**state.vision_capture, "inputs": inputs}
+            return out
 
         hooks.setattr(core, mod.encoder, encoder)
 
@@ -193,6 +196,30 @@ def _batched_scorers(vp, state: ForwardState, rows: list[list[Item]], cand: torc
     return {"cls_attention": cls_score, "keys": keys, "hidden": output}
 
 
+def _item_scorers(vp, captures: dict, rows: list[list[Item]], cand: torch.Tensor) -> dict:
+    """Scores of a packed tower: the adapter's ``vp.scorers(capture)`` gives, per score name, a
+    function of the layer returning one tensor per item of that encoder call, token for token as
+    the LLM sees them; here they are laid out on the candidates (0 at padding)."""
+    by_mod = {m: vp.scorers(cap) for m, cap in captures.items()}
+    names = {n for s in by_mod.values() for n in s}
+
+    def make(name: str):
+        def score(layer: int, **kwargs) -> torch.Tensor:
+            values = {m: s[name](layer % vp.num_layers, **kwargs) for m, s in by_mod.items()}
+            out = []
+            for b, row in enumerate(rows):
+                v = torch.cat([values[it.modality.name][it.index] for it in row]) if row else None
+                c = cand[b].clamp(min=0).to(v.device) if v is not None else None
+                out.append(v[c].masked_fill((cand[b] < 0).to(v.device).view(-1, *[1] * (v.dim() - 1)), 0)
+                           if v is not None else None)
+            ref = next(o for o in out if o is not None)
+            return torch.stack([o if o is not None else ref.new_zeros(ref.shape) for o in out])
+
+        return score
+
+    return {n: make(n) for n in names}
+
+
 def _with_features(out, feats: list[torch.Tensor], aligned: dict[str, list]):
     """A copy of an encoder output with new per-item features (and aligned extras)."""
     new = type(out)(**dict(out.items()))
@@ -303,7 +330,7 @@ class _Prefill:
         vp = self.anatomy.vision
         if vp.tower == "batched":
             return _batched_scorers(vp, self.state, rows, cand, geometry)
-        return vp.scorers(self.state.vision_capture, rows, cand, geometry)
+        return _item_scorers(vp, self.state.vision_captures, rows, cand)
 
     def is_visual(self, ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(ids, dtype=torch.bool)

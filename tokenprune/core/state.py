@@ -101,6 +101,7 @@ class ForwardState:
     vision_orig: torch.Tensor | None = None  # (T, N) original patch index of each encoder token
     vision_size: torch.Tensor | None = None  # (T, N) patches each token averages, after merging
     vision_capture: dict = field(default_factory=dict)  # layer -> normalised attention input
+    vision_captures: dict = field(default_factory=dict)  # modality -> its encoder call's capture and inputs
     vision_mask: torch.Tensor | None = None  # attention-mask override for later encoder layers
     vision_records: list[tuple[str, int, torch.Tensor]] = field(default_factory=list)
     encoder_inputs: dict = field(default_factory=dict)  # modality -> arguments generate() encoded it with

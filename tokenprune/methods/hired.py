@@ -19,6 +19,14 @@ Algorithm (paper §3.1-3.2, official ``HiRED_token_selection`` in hasanar1f/HiRE
 
 LLaVA-1.5 (one partition): the top ``total`` tokens by feature-layer CLS attention.
 
+Towers without a CLS token (Qwen2-VL / Qwen2.5-VL / Qwen3-VL, SigLIP). Deviation: CLS attention is
+replaced by the attention each token *receives* (mean over the queries of its image, summed over
+heads), averaged per 2x2 merged unit on Qwen; on Qwen2.5-VL's windowed tower both layers move to
+the nearest full-attention block (the last one at or before the layer, else the first), where the
+window permutation is undone — the score LightCompress and VisionZip's Qwen port use. Qwen images
+are one partition (no anyres tiles): the top ``total`` units by the late score; a video is one
+partition too.
+
 ``budget`` b: ``total = round(b * n)`` where n is the image's visual-token count as the LLM would
 see it unpruned (newline tokens included), so b is exactly the share of visual tokens that reach
 the LLM (HiRED's own "20% token budget" counts ``num_patch * 576`` tile patches). Deviations, for
@@ -41,7 +49,7 @@ from ..core.budget import require_budget
 from ..core.select import pad_rows
 from ..core.stage import Context, Stage
 from ..errors import MethodArgumentError
-from ._tower import feature_layers
+from ._tower import attention_score, feature_layers, score_layer
 from .base import Method, register
 
 
@@ -88,12 +96,13 @@ class HiRED(Method):
         budget = require_budget(budget, self.name, "budget=")
         if not 0.0 <= self.alpha <= 1.0:
             raise MethodArgumentError(f"alpha: the base image's share must be in [0, 1]; got {self.alpha!r}")
-        late = self.late_layer if self.late_layer is not None else max(feature_layers(anatomy))
-        early = self.early_layer
+        late = score_layer(anatomy, self.late_layer if self.late_layer is not None else max(feature_layers(anatomy)))
+        early = score_layer(anatomy, self.early_layer)
+        score = attention_score(anatomy)
 
         def select(ctx: Context) -> torch.Tensor:
-            early_att = ctx.score("cls_attention", layer=early, heads="sum")
-            late_att = ctx.score("cls_attention", layer=late, heads="sum")
+            early_att = ctx.score(score, layer=early, heads="sum")
+            late_att = ctx.score(score, layer=late, heads="sum")
             rows = []
             for b in range(ctx.orig.shape[0]):
                 kept = []

@@ -22,6 +22,13 @@ round(k * 5 / 32)`` of a crop's k tokens, scaled the same way for other budgets.
 does not re-insert them), split over the crops in proportion to their sizes. Explicit
 ``dominant`` / ``contextual`` give every crop those counts (the paper's settings), without a budget.
 
+Towers without a CLS token (Qwen2-VL / Qwen2.5-VL / Qwen3-VL). Deviations, as in VisionZip's own
+Qwen port and LightCompress: dominant tokens are those that *receive* the most attention (mean over
+the queries of their image, summed over heads, averaged per 2x2 merged unit, window permutation
+undone; on Qwen2.5-VL at the last full-attention block at or before the feature layer); keys are
+averaged per merged unit; the contextual tokens are merged from the projected (merged) features,
+since Qwen's projector merges 2x2 units and cannot take one averaged patch.
+
 Placement (engine convention): each contextual token sits in its target patch's slot, so tokens
 reach the LLM in raster order with their patches' original position ids; the official code appends
 the contextual tokens after the dominant ones with contiguous positions.
@@ -39,7 +46,7 @@ from ..core.merge import group_sum, nearest
 from ..core.select import allocate
 from ..core.stage import Context, Stage
 from ..errors import MethodArgumentError, SiteError
-from ._tower import feature_layers
+from ._tower import attention_score, feature_layers, score_layer
 from .base import Method, register
 from .hired import top
 
@@ -85,13 +92,16 @@ class VisionZip(Method):
         if not explicit:
             budget = require_budget(budget, self.name, "dominant= and contextual=")
         layers = feature_layers(anatomy)
+        scored = score_layer(anatomy, max(layers))
+        score = attention_score(anatomy)
 
         def select(ctx: Context):
-            if ctx.project is None:
-                raise SiteError("method: visionzip needs the model's projector (LLaVA-style VLM)")
-            att = ctx.score("cls_attention", layer=max(layers), heads="sum")
-            keys = ctx.get("keys", layer=max(layers))
-            hidden = torch.cat([ctx.get("hidden", layer=fl) for fl in layers], -1)
+            att = ctx.score(score, layer=scored, heads="sum")
+            keys = ctx.get("keys", layer=scored)
+            if ctx.project is not None:  # merge in the encoder's space, then the model's projector
+                hidden = torch.cat([ctx.get("hidden", layer=fl) for fl in layers], -1)
+            else:  # the projector merges 2x2 units (Qwen): merge the projected features
+                hidden = ctx.features
             if ctx.meta["tile"].numel() and bool((ctx.meta["tile"] == -2).any()) and len(layers) > 1:
                 raise SiteError("method: visionzip with a CLS feature and several feature layers is not supported")
             b_size, dim = ctx.orig.shape[0], ctx.features.shape[-1]
@@ -107,7 +117,8 @@ class VisionZip(Method):
                 dom_b = torch.cat(dom) if dom else torch.zeros(0, dtype=torch.long)
                 tgt_b = torch.cat(tgt) if tgt else torch.zeros(0, dtype=torch.long)
                 own = ctx.features[b, dom_b.to(ctx.features.device)]
-                made = ctx.project(torch.cat(tokens).to(ctx.features.device)) if tgt_b.numel() else own[:0]
+                project = ctx.project if ctx.project is not None else (lambda x: x)
+                made = project(torch.cat(tokens).to(ctx.features.device)) if tgt_b.numel() else own[:0]
                 pos = torch.cat([dom_b, tgt_b])
                 order = pos.argsort()
                 rows.append((pos[order], torch.cat([own, made.to(own.dtype)])[order.to(own.device)]))
@@ -119,7 +130,7 @@ class VisionZip(Method):
                 feats[b, : p.numel()] = f
             return sel, feats
 
-        return [Stage(self.name, "pre_llm", -1, select, capture=tuple(sorted(set(layers))))]
+        return [Stage(self.name, "pre_llm", -1, select, capture=tuple(sorted({*layers, scored})))]
 
     def split(self, k: int) -> tuple[int, int]:
         """(dominant, contextual) for a crop that keeps k tokens."""
