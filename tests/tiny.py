@@ -19,6 +19,9 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
     LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -325,3 +328,70 @@ def qwen_inputs(samples: list[list], video_seed: int = 0, timestamps: bool = Fal
 def qwen_batch(sizes=((40, 72), (32, 32))) -> dict:
     """Two samples, one image each, of different sizes (so different token counts)."""
     return qwen_inputs([[p.split("{}")[0], ("image", s), p.split("{}")[1]] for p, s in zip(QWEN_PROMPTS, sizes)])
+
+
+# --- LLaVA-OneVision: SigLIP tower (no CLS), anyres-max tiles, pooled video frames -------------------
+
+
+def llava_onevision(layers: int = 8, seed: int = 0):
+    """Tiny LLaVA-OneVision: SigLIP 32x32 / patch 8 (16 tokens per crop, no CLS), anyres pinpoints up to
+    64x64, 8-layer Qwen2 LM; image / video placeholders are the Qwen tokenizer's pads."""
+    torch.manual_seed(seed)
+    ids = _qwen_ids()
+    text = {k: v for k, v in _qwen_text(layers, [2, 3, 3]).items() if k != "rope_parameters"}
+    cfg = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, image_size=32, patch_size=8).to_dict(),
+        text_config={"model_type": "qwen2", **text},
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        image_grid_pinpoints=PINPOINTS,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    return LlavaOnevisionForConditionalGeneration(cfg).eval()
+
+
+def onevision_inputs(model, samples: list[list], video_seed: int = 0) -> dict:
+    """Model inputs for LLaVA-OneVision, as its processor builds them: ``samples`` as for
+    :func:`qwen_inputs` (``("video", (frames, h, w))`` gives random 32x32 frames, seeded by order;
+    images are seeded by their size, so a sample built alone matches its row of a batch); each image
+    gets as many placeholders as the model's own packing produces (tiles only for single-image
+    samples)."""
+    tok = qwen_tokenizer()
+    ids = _qwen_ids()
+    proc = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS)
+    gen = torch.Generator().manual_seed(video_seed)
+    images = [piece[1] for sample in samples for piece in sample if not isinstance(piece, str) and piece[0] == "image"]
+    per_sample = [sum(1 for p in s if not isinstance(p, str) and p[0] == "image") for s in samples]
+    out: dict = {}
+    lengths: list[int] = []
+    if images:
+        px = proc(images=[image(h, w, 1000 * h + w) for h, w in images], return_tensors="pt")  # seeded by size
+        out["pixel_values"], out["image_sizes"] = px["pixel_values"], px["image_sizes"]
+        out["batch_num_images"] = torch.tensor([n for n in per_sample if n > 0])
+        with torch.no_grad():
+            feats = model.model.get_image_features(px["pixel_values"], px["image_sizes"],
+                                                   batch_num_images=out["batch_num_images"]).pooler_output
+        lengths = [f.shape[0] for f in feats]
+    videos = []
+    rows, i = [], 0
+    for sample in samples:
+        row = []
+        for piece in sample:
+            if isinstance(piece, str):
+                row += tok(piece, add_special_tokens=False)["input_ids"]
+            elif piece[0] == "image":
+                row += [ids["image_token_id"]] * lengths[i]
+                i += 1
+            else:
+                frames = piece[1][0]
+                videos.append(torch.randn(frames, 3, 32, 32, generator=gen))
+                row += [ids["video_token_id"]] * (frames * 4 + 1)
+        rows.append(row)
+    width = max(len(r) for r in rows)
+    out["input_ids"] = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+    out["attention_mask"] = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    if videos:
+        out["pixel_values_videos"] = torch.stack(videos)
+    return out

@@ -7,6 +7,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .base import Anatomy, ImageLayout, LLMParts, VisionParts, grid_layout
 from .llava import llava_anatomy, llava_next_anatomy
+from .onevision import onevision_anatomy
 from .qwen import qwen_anatomy
 from .vision import vision_encoder_anatomy
 
@@ -23,6 +24,7 @@ SUPPORTED = (
     "Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
 )
 
 QWEN = {  # adapter name -> (ForConditionalGeneration, core) class names in transformers
@@ -39,8 +41,12 @@ def anatomy_of(model: nn.Module) -> Anatomy:
         LlavaModel,
         LlavaNextForConditionalGeneration,
         LlavaNextModel,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionModel,
     )
 
+    if isinstance(model, (LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel)):
+        return onevision_anatomy(model)
     if isinstance(model, (LlavaNextForConditionalGeneration, LlavaNextModel)):
         return llava_next_anatomy(model)
     if isinstance(model, (LlavaForConditionalGeneration, LlavaModel)):

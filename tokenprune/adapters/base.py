@@ -50,6 +50,23 @@ def grid_layout(rows: int, cols: int, cls: bool = False) -> ImageLayout:
     return ImageLayout(tile=tile, row=r, col=c, y=y, x=x, grid=(rows, cols), partitions=parts)
 
 
+def frames_layout(frames: int, rows: int, cols: int, video: bool) -> ImageLayout:
+    """``frames`` raster grids of ``rows`` x ``cols`` tokens, one after the other; each frame is
+    its own partition for a video (an image's single grid is ``base``)."""
+    one = grid_layout(rows, cols)
+    n = rows * cols
+    parts = {f"frame{t}": torch.arange(t * n, (t + 1) * n) for t in range(frames)}
+    if not video:
+        parts = {"base": torch.arange(n)}
+
+    def cat(v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([v] * frames)
+
+    frame = torch.arange(frames).repeat_interleave(n)
+    return ImageLayout(tile=cat(one.tile), row=cat(one.row), col=cat(one.col), y=cat(one.y), x=cat(one.x),
+                       grid=(rows, cols), partitions=parts, frame=frame)
+
+
 @dataclass
 class VisionParts:
     """A ViT-style encoder: its layers, how to reach each layer's attention, its token geometry.
@@ -123,7 +140,8 @@ class Modality:
     lays out each item's ``lengths[i]`` visual tokens; ``inputs`` are the forward inputs merged with
     the recorded encoder arguments. ``aligned`` names further encoder outputs that hold, per
     extra layer, one tensor per item aligned token for token with ``pooler_output`` (Qwen3-VL's
-    ``deepstack_features``): they are pruned together with it.
+    ``deepstack_features``): they are pruned together with it. ``pack`` turns the kept per-item
+    features back into the ``pooler_output`` the model reads (a list by default).
     """
 
     name: str
@@ -133,6 +151,7 @@ class Modality:
     encode: Callable[[dict], object]
     layouts: Callable[[list[int], dict], list[ImageLayout]]
     aligned: tuple[str, ...] = ()
+    pack: Callable[[list[torch.Tensor]], object] = list
 
 
 @dataclass

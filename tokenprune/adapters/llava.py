@@ -80,46 +80,52 @@ def llava_anatomy(model: nn.Module) -> Anatomy:
     return _vlm_anatomy("llava", model, core, vision, layouts)
 
 
+def anyres_layout(cfg, g: int, image_size: torch.Tensor, n_tiles: int, pack) -> ImageLayout:
+    """Layout of one anyres image (LLaVA-NeXT / LLaVA-OneVision) of ``n_tiles`` crops on a ``g x g``
+    patch grid, derived by running the model's own packing ``pack(features, image_size)`` on index
+    tensors (tile, row, col per token; -1 for newline tokens), so tiling, unpadding and newline
+    tokens follow transformers' logic exactly (coordinates are rounded where OneVision's anyres_max
+    downsamples the tile canvas)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    r, c = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+    idx = torch.stack([torch.stack([torch.full_like(r, t), r, c], -1).reshape(g * g, 3) for t in range(n_tiles)])
+    tile, row, col = pack(idx.float(), image_size).round().long().unbind(-1)
+    y, x = (row.float() + 0.5) / g, (col.float() + 0.5) / g
+    hi = tile > 0
+    if hi.any():  # tiles: place rows/cols on the unpadded high-resolution canvas
+        _, grid_w = get_anyres_image_grid_shape(image_size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        gy = (tile[hi] - 1) // grid_w * g + row[hi]
+        gx = (tile[hi] - 1) % grid_w * g + col[hi]
+        y[hi] = (gy - gy.min()).float().add(0.5) / float(gy.max() - gy.min() + 1)
+        x[hi] = (gx - gx.min()).float().add(0.5) / float(gx.max() - gx.min() + 1)
+    parts = {"base": (tile == 0).nonzero().flatten()}
+    for t in range(1, n_tiles):
+        parts[f"tile{t}"] = (tile == t).nonzero().flatten()
+    if (tile == -1).any():
+        parts["newline"] = (tile == -1).nonzero().flatten()
+    return ImageLayout(tile=tile, row=row, col=col, y=y, x=x, grid=(g, g), partitions=parts)
+
+
 def llava_next_anatomy(model: nn.Module) -> Anatomy:
-    """Anatomy of a LLaVA-NeXT model. Image layouts are derived by running the model's own
-    ``pack_image_features`` on index tensors, so anyres tiling, unpadding and newline tokens
-    follow transformers' logic exactly."""
-    from transformers.models.llava_next.modeling_llava_next import (
-        get_anyres_image_grid_shape,
-        image_size_to_num_patches,
-    )
+    """Anatomy of a LLaVA-NeXT model (image layouts: :func:`anyres_layout`)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     core = getattr(model, "model", model)
     cfg = core.config
     vision = _tower_anatomy(core).vision
     g = vision.grid[0]
+    newline = torch.full((3,), -1.0)
+
+    def pack(idx: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
+        return core.pack_image_features([idx], image_size[None], cfg.vision_feature_select_strategy,
+                                        image_newline=newline)[0][0]
 
     def one_layout(image_size: torch.Tensor) -> ImageLayout:
         n_tiles = image_size_to_num_patches(
             image_size=image_size, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=cfg.vision_config.image_size
         )
-        r, c = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
-        idx = torch.stack(
-            [torch.stack([torch.full_like(r, t), r, c], -1).reshape(g * g, 3) for t in range(n_tiles)]
-        ).float()
-        packed, _ = core.pack_image_features(
-            [idx], image_size[None], cfg.vision_feature_select_strategy, image_newline=torch.full((3,), -1.0)
-        )
-        tile, row, col = packed[0].round().long().unbind(-1)
-        y, x = (row.float() + 0.5) / g, (col.float() + 0.5) / g
-        hi = tile > 0
-        if hi.any():  # tiles: place rows/cols on the unpadded high-resolution canvas
-            _, grid_w = get_anyres_image_grid_shape(image_size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-            gy = (tile[hi] - 1) // grid_w * g + row[hi]
-            gx = (tile[hi] - 1) % grid_w * g + col[hi]
-            y[hi] = (gy - gy.min()).float().add(0.5) / float(gy.max() - gy.min() + 1)
-            x[hi] = (gx - gx.min()).float().add(0.5) / float(gx.max() - gx.min() + 1)
-        parts = {"base": (tile == 0).nonzero().flatten()}
-        for t in range(1, n_tiles):
-            parts[f"tile{t}"] = (tile == t).nonzero().flatten()
-        if (tile == -1).any():
-            parts["newline"] = (tile == -1).nonzero().flatten()
-        return ImageLayout(tile=tile, row=row, col=col, y=y, x=x, grid=(g, g), partitions=parts)
+        return anyres_layout(cfg, g, image_size, n_tiles, pack)
 
     def layouts(lengths: list[int], inputs: dict) -> list[ImageLayout]:
         image_sizes = inputs.get("image_sizes")

@@ -26,29 +26,12 @@ import inspect
 import torch
 from torch import nn
 
-from .base import Anatomy, ImageLayout, LLMParts, Modality, Sequence, VisionParts, grid_layout
+from .base import Anatomy, ImageLayout, LLMParts, Modality, Sequence, VisionParts, frames_layout
 from .llava import llm_parts
 
 PACKED = (
     "vision-site stages are not supported inside Qwen's packed vision tower (one sequence for all images, cu_seqlens)"
 )
-
-
-def frames_layout(frames: int, rows: int, cols: int, video: bool) -> ImageLayout:
-    """``frames`` raster grids of ``rows`` x ``cols`` merged units, one after the other; each
-    frame is its own partition for a video (the image's single grid is ``base``)."""
-    one = grid_layout(rows, cols)
-    n = rows * cols
-    parts = {f"frame{t}": torch.arange(t * n, (t + 1) * n) for t in range(frames)}
-    if not video:
-        parts = {"base": torch.arange(n)}
-
-    def cat(v: torch.Tensor) -> torch.Tensor:
-        return torch.cat([v] * frames)
-
-    frame = torch.arange(frames).repeat_interleave(n)
-    return ImageLayout(tile=cat(one.tile), row=cat(one.row), col=cat(one.col), y=cat(one.y), x=cat(one.x),
-                       grid=(rows, cols), partitions=parts, frame=frame)
 
 
 def _layouts(kind: str, merge: int):

@@ -23,7 +23,7 @@ from ..adapters.base import ImageLayout, Modality
 from ..errors import SiteError
 from .hooks import HookSet
 from .masks import columns_from_keep, gather_cols, gather_last
-from .scoring import cls_attention, mean_keys
+from .scoring import cls_attention, mean_keys, received_attention
 from .select import pad_rows
 from .stage import Context, Stage
 from .state import ForwardState, LLMInput, PromptMap, cache_length, row_meta, take_meta
@@ -185,6 +185,11 @@ def _batched_scorers(vp, state: ForwardState, rows: list[list[Item]], cand: torc
         a = cls_attention(attn, h, vp.num_heads(attn), vp.scale(attn))
         return pick(a.sum(1) if heads == "sum" else a.mean(1), float("-inf"))
 
+    def received(layer: int, heads: str = "mean") -> torch.Tensor:
+        attn, h = hidden(layer)
+        a = received_attention(attn, h, vp.num_heads(attn), vp.scale(attn))
+        return pick(a.sum(1) if heads == "sum" else a.mean(1), float("-inf"))
+
     def keys(layer: int) -> torch.Tensor:
         attn, h = hidden(layer)
         return pick(mean_keys(attn, h), 0.0)
@@ -193,7 +198,7 @@ def _batched_scorers(vp, state: ForwardState, rows: list[list[Item]], cand: torc
         hidden(layer)  # same capture check
         return pick(state.vision_capture[("output", layer % vp.num_layers)], 0.0)
 
-    return {"cls_attention": cls_score, "keys": keys, "hidden": output}
+    return {"cls_attention": cls_score, "received_attention": received, "keys": keys, "hidden": output}
 
 
 def _item_scorers(vp, captures: dict, rows: list[list[Item]], cand: torch.Tensor) -> dict:
@@ -357,7 +362,8 @@ class _Prefill:
                         name, [[None] * len(per_mod[it.modality.name]) for _ in per_layer])
                     for j, layer_feats in enumerate(per_layer):
                         slot[j][it.index] = layer_feats[it.index][local.to(layer_feats[it.index].device)]
-        return {m: _with_features(mm[m], per_mod[m], aligned.get(m, {})) for m in per_mod}
+        pack = {mod.name: mod.pack for mod in self.seq.modalities}
+        return {m: _with_features(mm[m], pack[m](per_mod[m]), aligned.get(m, {})) for m in per_mod}
 
     def compact(self, kw, ids, am, rows, mm, feats, kept, new_row_feats, trace, original_pos) -> dict:
         """Text columns stay, visual columns stay when their original index is kept."""

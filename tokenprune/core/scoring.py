@@ -100,6 +100,15 @@ def cls_attention(attn: nn.Module, hidden: torch.Tensor, num_heads: int, scale: 
     return ((q.float() @ k.float().transpose(-1, -2)) * scale).softmax(-1)[:, :, 0]
 
 
+def received_attention(attn: nn.Module, hidden: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """Attention each token receives in a vision layer, mean over all query tokens: (B, H, N),
+    float32 (a CLS-free saliency score). ``hidden`` is the layer's normalised attention input."""
+    hd = hidden.shape[-1] // num_heads if not hasattr(attn, "head_dim") else attn.head_dim
+    q = _heads(attn.q_proj, hidden, hd)
+    k = _heads(attn.k_proj, hidden, hd)
+    return ((q.float() @ k.float().transpose(-1, -2)) * scale).softmax(-1).mean(2)
+
+
 def mean_keys(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Keys averaged over heads (B, N, d): ToMe's and VisionZip's similarity metric."""
     return _heads(attn.k_proj, hidden, attn.head_dim).mean(1)
