@@ -28,6 +28,9 @@ def test_bench_speed_small_geometry():
         assert rows[p]["llm_tokens_per_layer"] == rows["fastv"]["llm_tokens_per_layer"]
         assert rows[p]["scoring_s"] > 0
     assert rows["fastv[rerun]"]["rerun_s"] > 0
+    eager = rows["fastv[eager]"]["eager_attention"]  # its layer's attention, eager with weights vs sdpa
+    assert eager["eager_s"] > 0 and eager["sdpa_s"] > 0
+    assert rows["fastv[eager]"]["scoring_s"] == pytest.approx(rows["fastv[eager]"]["select_s"] + eager["extra_s"])
     # PyramidDrop's scoring needs the keys of the tokens it drops; FastV's only the last query's logits
     assert rows["pdrop"]["scoring_macs_pct"] > rows["fastv"]["scoring_macs_pct"] > 0
     md = bench_speed.markdown(res)
