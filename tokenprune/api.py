@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapters import anatomy_of
+from .adapters import Anatomy, anatomy_of
 from .core.budget import check_budget
 from .core.engine import Engine
+from .core.stage import Stage
 from .core.trace import Trace
-from .errors import AttentionBackendError, SiteError
+from .errors import AttentionBackendError, BudgetError, SiteError
 from .methods import REGISTRY, Method, build
 from .quant import check_int8_flag, quantize_int8
 
@@ -84,24 +85,10 @@ def patch(
     Patching a model that already has a patch replaces it. Returns a :class:`PatchHandle`.
     """
     check_int8_flag(int8)  # before touching the model: bitsandbytes must be importable
-    if budget is not None:
-        budget = check_budget(budget)
+    budget = check_budget(budget) if budget is not None else None
     m = build(method, **params)
     anatomy = anatomy_of(model)
-    if not set(m.sites) & set(anatomy.sites):
-        raise SiteError(
-            f"method: {m.name} acts at the {' or '.join(m.sites)} site, which a {anatomy.name} model does not have "
-            f"(its sites: {list(anatomy.sites)})"
-        )
-    stages = m.stages(anatomy, budget)
-    for site in {st.site for st in stages} & {"llm"}:
-        impl = anatomy.attn_implementation(site)
-        if impl not in SCORING_BACKENDS:
-            raise AttentionBackendError(
-                f"attn_implementation: {m.name} prunes inside the LLM, which needs per-layer masks; "
-                f"the model uses {impl!r}; supported: {list(SCORING_BACKENDS)} "
-                "(model.set_attn_implementation('sdpa'))"
-            )
+    stages = plan(m, anatomy, budget)
     unpatch(model)
     engine = Engine(anatomy, stages, m.install)
     if int8:  # after every check passed; hooks on replaced linears move to the int8 layers
@@ -113,6 +100,42 @@ def patch(
     handle = PatchHandle(model, m, budget, engine)
     model.__dict__[_ATTR] = handle
     return handle
+
+
+def plan(m: Method, anatomy: Anatomy, budget: float | None) -> list[Stage]:
+    """The stages ``m`` installs on ``anatomy`` at ``budget``, after every check ``patch()`` makes
+    before touching the model (typed errors naming the parameter)."""
+    if budget is not None:
+        budget = check_budget(budget)
+        if not m.uses_budget:
+            why = (
+                "it reduces no tokens (threshold= / vision_threshold= set it); pass budget=None, or compose it with "
+                "a token method, e.g. ['pdrop', 'early_exit'], and the budget goes to that method"
+                if not m.reduces_tokens
+                else "its explicit parameters fix its schedule; pass either those parameters or a budget"
+            )
+            raise BudgetError(f"budget: {m.name} would ignore budget={budget}: {why}")
+    if not set(m.sites) & set(anatomy.sites):
+        raise SiteError(
+            f"method: {m.name} acts at the {' or '.join(m.sites)} site, which a {anatomy.name} model does not have "
+            f"(its sites: {list(anatomy.sites)})"
+        )
+    if m.needs_cls and not anatomy.vision.has_cls:
+        usable = sorted(n for n, c in REGISTRY.items() if c.reduces_tokens and not c.needs_cls)
+        raise SiteError(
+            f"method: {m.name} ranks tokens by the vision tower's CLS attention, and this {anatomy.name} model's "
+            f"tower has no CLS token (a SigLIP tower); methods that need none: {usable}"
+        )
+    stages = m.stages(anatomy, budget)
+    for site in {st.site for st in stages} & {"llm"}:
+        impl = anatomy.attn_implementation(site)
+        if impl not in SCORING_BACKENDS:
+            raise AttentionBackendError(
+                f"attn_implementation: {m.name} prunes inside the LLM, which needs per-layer masks; "
+                f"the model uses {impl!r}; supported: {list(SCORING_BACKENDS)} "
+                "(model.set_attn_implementation('sdpa'))"
+            )
+    return stages
 
 
 def unpatch(model: nn.Module) -> None:

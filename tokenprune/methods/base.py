@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from ..adapters.base import Anatomy
 from ..core.stage import Stage
-from ..errors import MethodArgumentError, UnknownMethodError
+from ..errors import BudgetError, MethodArgumentError, UnknownMethodError
 
 REGISTRY: dict[str, type[Method]] = {}
 
@@ -22,6 +22,14 @@ class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
     sites: ClassVar[tuple[str, ...]] = ("vision", "pre_llm", "llm")
+    reduces_tokens: ClassVar[bool] = True  # False: a mechanism that keeps every token (early exit)
+    needs_cls: ClassVar[bool] = False  # True: scores tokens by the vision tower's CLS attention
+
+    @property
+    def uses_budget(self) -> bool:
+        """Whether ``budget`` sets this instance's schedule (False where explicit parameters fix it,
+        or where the method reduces no tokens)."""
+        return self.reduces_tokens
 
     def stages(self, anatomy: Anatomy, budget: float | None) -> list[Stage]:
         """The token-reduction stages this method installs for ``budget`` on ``anatomy``."""
@@ -35,8 +43,17 @@ class Method:
 
 @dataclass
 class Compose(Method):
-    """Several methods applied together (``patch(model, ["pdrop", "early_exit"])``): the stages of
-    all of them, in order, each given the same ``budget``."""
+    """Several methods applied together (``patch(model, ["hired", "pdrop"])``); each method's tokens
+    feed the next (vision tower, then before the LLM, then inside it).
+
+    ``budget`` keeps its one meaning for the whole composition and is split evenly over the m
+    token-reducing methods: each keeps ``budget ** (1 / m)`` of the visual-token compute that reaches
+    it, so the fractions multiply back to ``budget`` (``["hired", "pdrop"]`` at 0.3: HiRED passes
+    54.8 % of the tokens to the LLM, PyramidDrop keeps a mean of 54.8 % of those over its layers).
+    The product is exact only while at most one method acts inside the budgeted stack (the LLM of a
+    VLM, the encoder of a standalone encoder), where the budget is a mean over layers; two there are
+    refused. Methods that reduce no tokens (early exit) take no share. Without a budget every
+    method runs its explicit schedule."""
 
     name = "compose"
     summary = "several methods applied together"
@@ -45,9 +62,43 @@ class Compose(Method):
     def __post_init__(self) -> None:
         self.name = "+".join(p.name for p in self.parts)
         self.sites = tuple(dict.fromkeys(s for p in self.parts for s in p.sites))
+        self.needs_cls = any(p.needs_cls for p in self.parts)
+        self.reduces_tokens = any(p.reduces_tokens for p in self.parts)
+
+    @property
+    def uses_budget(self) -> bool:
+        return any(p.uses_budget for p in self.parts)
 
     def stages(self, anatomy: Anatomy, budget: float | None) -> list[Stage]:
-        return [st for p in self.parts for st in p.stages(anatomy, budget)]
+        if budget is None:
+            return [st for p in self.parts for st in p.stages(anatomy, None)]
+        fixed = [p.name for p in self.parts if p.reduces_tokens and not p.uses_budget]
+        if fixed:
+            raise BudgetError(
+                f"budget: {self.name} splits the budget over its token methods, but {fixed} have explicit "
+                "schedules; give either a budget (and no explicit schedules) or explicit schedules and no budget"
+            )
+        shared = [p for p in self.parts if p.uses_budget]
+        share = budget ** (1 / len(shared))
+        stack = "llm" if anatomy.is_vlm else "vision"
+        out, inside = [], []
+        for p in self.parts:
+            try:
+                own = p.stages(anatomy, share if p.uses_budget else None)
+            except BudgetError as exc:
+                raise BudgetError(
+                    f"budget: {budget} split over {[q.name for q in shared]} is {share:.3f} each, and {exc}"
+                ) from None
+            if p.uses_budget and any(st.site == stack for st in own):
+                inside.append(p.name)
+            out += own
+        if len(inside) > 1:
+            raise BudgetError(
+                f"budget: {inside} all prune inside the {'LLM' if anatomy.is_vlm else 'encoder'}, where the budget "
+                "is a mean over layers that their shares cannot split exactly; compose at most one of them with "
+                "methods acting earlier, or give explicit schedules and no budget"
+            )
+        return out
 
     def install(self, anatomy: Anatomy, hooks, state) -> None:
         for p in self.parts:

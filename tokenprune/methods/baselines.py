@@ -25,6 +25,10 @@ class _SiteMethod(Method):
     layer: int | None = None
     keep: float | None = None
 
+    @property
+    def uses_budget(self) -> bool:
+        return self.keep is None
+
     def _place(self, anatomy: Anatomy, budget: float | None) -> tuple[str, int]:
         """Site and layer; without an explicit ``layer`` a stack site moves to an earlier layer
         when the budget is not reachable at the default one."""

@@ -77,6 +77,10 @@ class Cluster(Method):
     window: int = 5
     k: int = 36
 
+    @property
+    def uses_budget(self) -> bool:
+        return self.clusters is None
+
     def stages(self, anatomy: Anatomy, budget: float | None) -> list[Stage]:
         vp = anatomy.vision
         depth = vp.num_layers

@@ -139,6 +139,7 @@ class EarlyExit(Method):
     name = "early_exit"
     summary = "early exit: MuE similarity exit in LLM decoding / vision tower, LGViT exit heads for ViT"
     sites = ("vision", "llm")
+    reduces_tokens = False  # it skips layers; ``threshold`` / ``vision_threshold`` set it, never ``budget``
     threshold: float | None = 0.99
     min_layer: int | None = None
     vision_threshold: float | None = None

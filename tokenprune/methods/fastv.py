@@ -34,6 +34,10 @@ class FastV(Method):
     k: int = 2
     r: float | None = None
 
+    @property
+    def uses_budget(self) -> bool:
+        return self.r is None
+
     def stages(self, anatomy: Anatomy, budget: float | None) -> list[Stage]:
         depth = anatomy.llm.num_layers
         if self.r is not None:

@@ -112,6 +112,10 @@ class Feather(Method):
     stride: int = 3
     positions: str = "keep"
 
+    @property
+    def uses_budget(self) -> bool:
+        return self.keep is None
+
     def plan(self, anatomy: Anatomy, budget: float | None) -> tuple[int, int, float]:
         """Stage layers (K1, K2) and the keep ratio r this instance uses on ``anatomy``."""
         depth = anatomy.llm.num_layers

@@ -124,6 +124,10 @@ class PyramidDrop(Method):
     layers: tuple[int, ...] | None = None
     positions: str = "renumber"
 
+    @property
+    def uses_budget(self) -> bool:
+        return self.lam is None
+
     def plan(self, anatomy: Anatomy, budget: float | None) -> tuple[list[int], float]:
         """The stage boundaries and λ this instance uses on ``anatomy`` at ``budget``."""
         depth = anatomy.llm.num_layers

@@ -106,6 +106,10 @@ class ToMe(Method):
     rounds: int = 1
     placement: str = "input"
 
+    @property
+    def uses_budget(self) -> bool:
+        return self.r is None
+
     def stages(self, anatomy: Anatomy, budget: float | None) -> list[Stage]:
         vp = anatomy.vision
         option("placement", self.placement, ("input", "mid"))

@@ -79,8 +79,13 @@ class VisionZip(Method):
     name = "visionzip"
     summary = "VisionZip: dominant tokens by CLS attention + contextual tokens merged by key similarity"
     sites = ("pre_llm",)
+    needs_cls = True
     dominant: int | None = None
     contextual: int | None = None
+
+    @property
+    def uses_budget(self) -> bool:
+        return self.dominant is None and self.contextual is None
 
     def stages(self, anatomy: Anatomy, budget: float | None) -> list[Stage]:
         explicit = self.dominant is not None or self.contextual is not None
