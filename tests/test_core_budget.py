@@ -102,3 +102,61 @@ def test_composed_methods_apply_in_order(deep):
         assert set(b.tolist()) <= set(a.tolist())  # the LLM stage chooses among what reached it
     assert handle.method.name == "random+fastv"
     assert handle.trace.visual_tokens_per_layer == [32.0] * 4 + [16.0] * 12
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.3])
+@pytest.mark.parametrize("combo", [["hired", "pdrop"], ["random", "fastv"], ["uniform", "feather"]])
+def test_composed_methods_realise_the_budget(deep, combo, budget):
+    """A composition's budget has the one meaning: the first method's tokens feed the next, each
+    keeps budget ** (1/2) of what reaches it, and the realised budget is the request."""
+    model, inputs = deep
+    with tokenprune.patch(model, combo, budget=budget) as handle, torch.no_grad():
+        model(**inputs)
+    trace = handle.trace
+    err = abs(trace.realized_budget - budget)
+    assert err <= 0.02 or err * 64 <= 1.0, (combo, budget, trace.realized_budget)
+    first = trace.stages[0]
+    assert first.site == "pre_llm" and first.counts.tolist() == [round(budget**0.5 * 64)] * 2
+
+
+def test_budget_goes_to_the_token_method_beside_early_exit(deep):
+    model, inputs = deep
+    with tokenprune.patch(model, "pdrop", budget=0.3) as alone, torch.no_grad():
+        model(**inputs)
+    both = ["pdrop", tokenprune.method("early_exit", threshold=None)]
+    with tokenprune.patch(model, both, budget=0.3) as handle, torch.no_grad():
+        model(**inputs)
+    assert [(s.name, s.layer) for s in handle.trace.stages] == [(s.name, s.layer) for s in alone.trace.stages]
+    for a, b in zip(handle.trace.stages, alone.trace.stages):
+        assert torch.equal(a.kept, b.kept)
+    assert handle.trace.realized_budget == alone.trace.realized_budget
+
+
+@pytest.mark.parametrize(
+    "method,params,needle",
+    [
+        ("early_exit", {}, "reduces no tokens"),
+        ("fastv", {"k": 2, "r": 0.5}, "explicit parameters"),
+        ("pdrop", {"lam": 0.5}, "explicit parameters"),
+        ("random", {"keep": 0.5}, "explicit parameters"),
+    ],
+)
+def test_a_budget_a_method_would_ignore_is_refused(deep, method, params, needle):
+    model, _ = deep
+    with pytest.raises(tokenprune.errors.BudgetError, match=f"^budget: .*{needle}"):
+        tokenprune.patch(model, method, budget=1.0, **params)
+    assert "_tokenprune_handle" not in model.__dict__
+
+
+@pytest.mark.parametrize(
+    "combo,error,needle",
+    [
+        (["fastv", "pdrop"], tokenprune.errors.BudgetError, "prune inside the LLM"),
+        ([tokenprune.method("random", keep=0.5), "fastv"], tokenprune.errors.BudgetError, "explicit schedules"),
+        (["tome", "hired"], tokenprune.errors.SiteError, "full patch grid"),
+    ],
+)
+def test_compositions_that_cannot_be_exact_are_refused(deep, combo, error, needle):
+    model, _ = deep
+    with pytest.raises(error, match=needle):
+        tokenprune.patch(model, combo, budget=0.5)

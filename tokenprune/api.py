@@ -127,6 +127,15 @@ def plan(m: Method, anatomy: Anatomy, budget: float | None) -> list[Stage]:
             f"tower has no CLS token (a SigLIP tower); methods that need none: {usable}"
         )
     stages = m.stages(anatomy, budget)
+    first_merge = min((st.layer for st in stages if st.site == "vision"), default=None)
+    late = [st.name for st in stages if st.site == "pre_llm" and first_merge is not None
+            and any(c % anatomy.vision.num_layers >= first_merge for c in st.capture)]
+    if late:
+        raise SiteError(
+            f"method: {late[0]} reads the vision tower's full patch grid at a layer that the vision-site stages "
+            f"(from encoder layer {first_merge} on) have already reduced; compose it with methods that act in the "
+            "LLM instead"
+        )
     for site in {st.site for st in stages} & {"llm"}:
         impl = anatomy.attn_implementation(site)
         if impl not in SCORING_BACKENDS:

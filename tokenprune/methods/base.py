@@ -87,7 +87,8 @@ class Compose(Method):
                 own = p.stages(anatomy, share if p.uses_budget else None)
             except BudgetError as exc:
                 raise BudgetError(
-                    f"budget: {budget} split over {[q.name for q in shared]} is {share:.3f} each, and {exc}"
+                    f"budget: {budget} split over {[q.name for q in shared]} is {share:.3f} each, and for {p.name}: "
+                    + str(exc).removeprefix("budget: ")
                 ) from None
             if p.uses_budget and any(st.site == stack for st in own):
                 inside.append(p.name)

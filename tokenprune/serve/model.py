@@ -24,7 +24,7 @@ from .. import api
 from ..adapters import anatomy_of
 from ..core.budget import check_budget
 from ..errors import TokenPruneError
-from .errors import APIError, bad_request
+from .errors import bad_request
 from .protocol import ChatRequest, Limits, Reduction
 
 BUNDLED = ("llava", "llava_next")
@@ -124,9 +124,11 @@ class ModelRunner:
         if requested.method is None and requested.budget is None and not requested.params:
             return requested  # explicit "none"
         method = requested.method or self.default.method
-        budget = requested.budget if requested.budget is not None else self.default.budget
         if method is None:
             raise bad_request("tokenprune.method: required (the server default is unpruned)", param="tokenprune.method")
+        budget = requested.budget
+        if budget is None and _uses_budget(method, requested.params):  # else explicit schedule / early exit
+            budget = self.default.budget
         return self.validate(Reduction(method, budget, requested.params))
 
     def validate(self, red: Reduction) -> Reduction:
@@ -138,20 +140,7 @@ class ModelRunner:
                 return self._valid[red]
         try:
             budget = check_budget(red.budget) if red.budget is not None else None
-            method = api.method(red.method, **_thaw(red.params))
-            if not set(method.sites) & set(self.anatomy.sites):
-                raise APIError(
-                    f"tokenprune.method: {method.name} acts at the {'/'.join(method.sites)} site, which this "
-                    f"model does not have",
-                    param="tokenprune.method",
-                )
-            stages = method.stages(self.anatomy, budget)
-            if any(st.site == "llm" for st in stages):
-                impl = self.anatomy.attn_implementation("llm")
-                if impl not in api.SCORING_BACKENDS:
-                    raise APIError(f"tokenprune.method: {method.name} needs sdpa/eager attention, model uses {impl!r}")
-        except APIError:
-            raise
+            api.plan(api.method(red.method, **_thaw(red.params)), self.anatomy, budget)
         except (TokenPruneError, ValueError, TypeError) as exc:
             param = "tokenprune.budget" if "budget" in str(exc).split(":")[0] else "tokenprune.method"
             raise bad_request(str(exc), param=param, code=type(exc).__name__) from None
@@ -377,6 +366,14 @@ class _Streamer(BaseStreamer):
 
     def end(self) -> None:
         """Called by ``generate`` at the end; rows are finished by :meth:`ModelRunner.generate`."""
+
+
+def _uses_budget(method: str, params: tuple[tuple[str, Any], ...]) -> bool:
+    """Whether ``method`` with ``params`` takes a budget (invalid ones: left to ``validate``)."""
+    try:
+        return api.method(method, **_thaw(params)).uses_budget
+    except (TokenPruneError, ValueError, TypeError):
+        return True
 
 
 def _thaw(params: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
