@@ -78,14 +78,25 @@ class PrunedVLM:
         return out.strip()
 
     def loglikelihood(self, context: str, continuation: str, images: list[Any]) -> tuple[float, bool]:
-        """Sum of log-probabilities of ``continuation`` after the prompt, and whether it is the greedy one."""
+        """Sum of log-probabilities of ``continuation`` after the prompt, and whether it is the greedy one.
+
+        One forward over prompt + continuation, as the harnesses' own LLaVA models score. Pruning drops
+        visual tokens only, and they all sit in the prompt, so the logits are shorter than ``input_ids`` by
+        the dropped count and the continuation (text, never pruned) keeps its place at their end. A method
+        that ranks tokens inside the LLM by the last token's attention ranks them by the continuation's
+        last token here (as in a single forward of the official FastV / PyramidDrop code)."""
         ctx = self._inputs(context, images)
         full = self._inputs(context, images, extra=continuation)
         n_ctx = ctx["input_ids"].shape[1]
         with torch.no_grad():
             logits = self.model(**full).logits[0].float()
-        target = full["input_ids"][0, n_ctx:]
-        pred = logits[n_ctx - 1: -1].log_softmax(-1)
         self._note()
+        ids = full["input_ids"][0]
+        dropped = ids.numel() - logits.shape[0]
+        visual = int((ids[:n_ctx] == self.model.config.image_token_id).sum())
+        if not 0 <= dropped <= visual:
+            raise RuntimeError(f"logits are {dropped} shorter than the input, which has {visual} visual tokens")
+        target = ids[n_ctx:]
+        pred = logits[n_ctx - dropped - 1 : logits.shape[0] - 1].log_softmax(-1)
         lp = pred.gather(-1, target[:, None]).squeeze(-1)
         return float(lp.sum()), bool((pred.argmax(-1) == target).all())
