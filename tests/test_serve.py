@@ -13,6 +13,7 @@ import base64
 import http.client
 import io
 import json
+import socket
 import time
 import urllib.request
 
@@ -31,6 +32,7 @@ from tokenprune.serve.protocol import Limits, parse_chat, render_messages  # noq
 
 MAX_PIXELS = 250_000
 MAX_BODY = 2_000_000
+BODY_TIMEOUT = 5
 QUESTION = "What color is the triangle?"
 
 
@@ -69,9 +71,11 @@ def server(model_dir, tmp_path_factory):
         "--model", model_dir, "--method", "pdrop", "--budget", "0.2", "--threads", "1",
         "--max-pixels", str(MAX_PIXELS), "--batch-window-ms", "50", "--served-model-name", "tiny-llava",
         "--max-body-bytes", str(MAX_BODY), "--max-images", "2", "--max-tokens", "100000",
+        "--body-timeout", str(BODY_TIMEOUT),
     ]  # fmt: skip
-    with serve_process(args, tmp_path_factory.mktemp("serve") / "server.log") as srv:
-        yield {**srv, "model": "tiny-llava"}
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with serve_process(args, log) as srv:
+        yield {**srv, "model": "tiny-llava", "log": log}
 
 
 @pytest.fixture(scope="module")
@@ -421,5 +425,105 @@ def test_load_200_at_16(server):
     after = metrics(server)
     ok = 'tokenprune_requests_total{status="ok"}'
     assert after[ok] - before.get(ok, 0) == 200
+    with urllib.request.urlopen(server["base"] + "/health", timeout=10) as r:
+        assert json.loads(r.read())["status"] == "ok"
+
+
+# ---- content type, seed, disconnects and slow bodies -----------------------------------------------
+
+
+def raw_post(server, body: bytes, content_type: str | None) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=60)
+    conn.putrequest("POST", "/v1/chat/completions")
+    if content_type is not None:
+        conn.putheader("Content-Type", content_type)
+    conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders(body)
+    resp = conn.getresponse()
+    out = resp.status, json.loads(resp.read())
+    conn.close()
+    return out
+
+
+def test_only_json_content_types_are_accepted(server):
+    """A page on any site can POST text/plain, form or multipart bodies to 127.0.0.1 without a CORS
+    preflight: such bodies get 415 even when they hold valid JSON."""
+    body = json.dumps({"model": server["model"], "messages": user(data_url(tiny.image(32, 32, 1))), "max_tokens": 1})
+    for ctype in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                  "multipart/form-data; boundary=x", None, ""):  # fmt: skip
+        status, err = raw_post(server, body.encode(), ctype)
+        assert status == 415 and err["error"]["code"] == "unsupported_media_type", (ctype, status, err)
+    for ctype in ("application/json", "Application/JSON; charset=utf-8", "application/vnd.api+json"):
+        status, ok = raw_post(server, body.encode(), ctype)
+        assert status == 200 and ok["choices"][0]["message"]["role"] == "assistant", (ctype, status, ok)
+
+
+def test_seed_makes_sampling_reproducible_alone_and_batched(server, client):
+    msgs = user(data_url(tiny.image(40, 48, 5)))
+
+    def sample(seed: int) -> str:
+        resp = client.chat.completions.create(model=server["model"], messages=msgs, max_tokens=10, temperature=2.0,
+                                              seed=seed, extra_body={"ignore_eos": True})  # fmt: skip
+        return resp.choices[0].message.content
+
+    first = {seed: sample(seed) for seed in range(4)}
+    assert sample(2) == first[2] and sample(0) == first[0]
+    assert len(set(first.values())) > 1  # different seeds draw differently
+
+    openai = pytest.importorskip("openai")
+
+    async def together(seeds):
+        ac = openai.AsyncOpenAI(api_key="unused", base_url=server["base"] + "/v1", max_retries=0, timeout=120)
+        out = await asyncio.gather(*(
+            ac.chat.completions.create(model=server["model"], messages=msgs, max_tokens=10, temperature=2.0,
+                                       seed=s, extra_body={"ignore_eos": True})
+            for s in seeds))  # fmt: skip
+        await ac.close()
+        return [r.choices[0].message.content for r in out]
+
+    assert asyncio.run(together([1, 3, 1, 0])) == [first[1], first[3], first[1], first[0]]
+    for bad in ("7", 1.5, True, 2**64):
+        status, err = post(server, {"model": server["model"], "messages": msgs, "seed": bad})
+        assert status == 400 and err["error"]["param"] == "seed", bad
+
+
+def _error_count(server, code: int) -> float:
+    return metrics(server).get(f'tokenprune_request_errors_total{{code="{code}"}}', 0.0)
+
+
+def _partial_request(server, declared: int, sent: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server["port"]), timeout=BODY_TIMEOUT + 20)
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {declared}\r\n\r\n")  # fmt: skip
+    sock.sendall(head.encode() + sent)
+    return sock
+
+
+def test_client_leaving_mid_body_is_a_client_error(server):
+    before = _error_count(server, 499)
+    log_before = server["log"].read_text()
+    for _ in range(3):
+        _partial_request(server, 5000, b'{"model": "tiny-llava", "mess').close()
+    deadline = time.monotonic() + 20
+    while _error_count(server, 499) < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _error_count(server, 499) == before + 3
+    new_log = server["log"].read_text()[len(log_before) :]
+    assert "Traceback" not in new_log and "unhandled error" not in new_log, new_log
+    assert "tokenprune_request_errors_total{code=\"500\"}" not in metrics(server)
+
+
+def test_a_body_that_never_arrives_times_out(server):
+    t0 = time.monotonic()
+    with _partial_request(server, 100, b"{") as sock:
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    elapsed = time.monotonic() - t0
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert BODY_TIMEOUT - 0.5 <= elapsed < BODY_TIMEOUT + 15
     with urllib.request.urlopen(server["base"] + "/health", timeout=10) as r:
         assert json.loads(r.read())["status"] == "ok"

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .errors import APIError
 from .metrics import CONTENT_TYPE, ServerMetrics
@@ -30,6 +31,7 @@ from .scheduler import AsyncSink, Job, Scheduler
 
 log = logging.getLogger("tokenprune.serve")
 MAX_BODY_BYTES = 64 * 1024 * 1024
+BODY_TIMEOUT_S = 30.0
 
 
 def create_app(
@@ -39,9 +41,10 @@ def create_app(
     window: float = 0.01,
     max_queue: int = 256,
     max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The server application for ``runner``'s model; the scheduler's worker starts and stops with
-    the application (lifespan)."""
+    the application (lifespan). A request body must arrive within ``body_timeout`` seconds (408)."""
     metrics = ServerMetrics()
 
     def run_batch(key: Hashable, jobs: Sequence[Job]) -> None:
@@ -113,7 +116,8 @@ def create_app(
     async def chat(request: Request) -> Response:
         t0 = time.perf_counter()
         try:
-            body = parse_json(await _read_body(request, max_body_bytes))
+            check_json_type(request.headers.get("content-type"))
+            body = parse_json(await _read_body(request, max_body_bytes, body_timeout))
             req, enc, reduction = await run_in_threadpool(_prepare, runner, body)
             sink = AsyncSink(asyncio.get_running_loop())
             scheduler.submit(Job((reduction, req.sampling), enc, sink))
@@ -157,19 +161,43 @@ def create_app(
     return app
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, or a 413 once it is over ``limit`` bytes (declared or streamed)."""
+def check_json_type(content_type: str | None) -> None:
+    """A 415 unless the body is declared JSON (``application/json`` or a ``*/*+json`` type): a web
+    page can send other types to a loopback server without a CORS preflight."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not ("/" in media and media.endswith("+json")):
+        raise APIError(
+            f"Content-Type: must be application/json (or a */*+json type), got {content_type!r}",
+            status=415,
+            param="Content-Type",
+            code="unsupported_media_type",
+        )
+
+
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, or a 413 once it is over ``limit`` bytes (declared or streamed), a 408 when
+    it has not fully arrived after ``timeout`` seconds, a 499 when the client went away mid-body."""
     too_large = APIError(f"request body over {limit} bytes", status=413, code="request_too_large")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(f"request body not received within {timeout:g} s", status=408, code="request_timeout") from None
+    except ClientDisconnect:  # nobody is left to answer; counted as a client error, never logged as a server one
+        raise APIError("client left before sending the whole body", status=499, code="client_disconnected") from None
     return b"".join(chunks)
 
 

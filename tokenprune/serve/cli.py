@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-pixels", type=int, default=d.max_pixels, help="pixels per image (w*h)")
     parser.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
     parser.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="largest request body (413 above)")
+    parser.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take (408 after)")
     parser.add_argument("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens accepted")
     parser.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
     parser.add_argument(
@@ -74,6 +75,7 @@ def build_app(args: argparse.Namespace):
         window=args.batch_window_ms / 1000.0,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
+        body_timeout=args.body_timeout,
     )
 
 

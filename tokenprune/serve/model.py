@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .. import api
@@ -235,9 +235,10 @@ class ModelRunner:
         rows = [_Row(s, e) for s, e in zip(sinks, encs)]
         streamer = _Streamer(self, rows)
         temperature, top_p, ignore_eos = sampling
-        kwargs: dict[str, Any] = {"do_sample": False}
+        kwargs: dict[str, Any] = {"do_sample": False}  # sampling: _RowSampler draws, the greedy step takes it
         if temperature > 0:
-            kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+            gens = [_generator(e.request.seed) for e in encs]
+            kwargs["logits_processor"] = LogitsProcessorList([_RowSampler(temperature, top_p, gens)])
         if ignore_eos:  # no EOS before the longest row's max_tokens; shorter rows stop in _RowsDone
             kwargs["min_new_tokens"] = max(e.max_tokens for e in encs)
         with torch.inference_mode():
@@ -281,6 +282,36 @@ class ModelRunner:
             row = trace.stages[-1].kept[i] if trace.stages else torch.arange(unpruned)
             ext["kept"] = row[row >= 0].tolist()
         return ext
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (a fresh random seed when None)."""
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+class _RowSampler(LogitsProcessor):
+    """OpenAI-style sampling (temperature, then top-p) with one CPU ``torch.Generator`` per row, so a
+    row's draws depend on its own seed only, never on the batch it shares. Returns scores that keep
+    only the drawn token; ``generate``'s greedy step then takes it."""
+
+    def __init__(self, temperature: float, top_p: float, generators: Sequence[torch.Generator]) -> None:
+        self.temperature = temperature
+        self.top_p = top_p
+        self.generators = generators
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = (scores.float() / self.temperature).softmax(-1).cpu()
+        if self.top_p < 1.0:  # the smallest set of most likely tokens whose mass reaches top_p
+            top, order = probs.sort(-1, descending=True)
+            top = top.masked_fill(top.cumsum(-1) - top >= self.top_p, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, top)
+        drawn = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter(-1, drawn.to(scores.device), 0.0)
 
 
 class _RowsDone(StoppingCriteria):

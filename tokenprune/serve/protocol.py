@@ -86,6 +86,7 @@ class ChatRequest:
     reduction: Reduction | None = None  # None: the server's default
     return_kept: bool = False
     ignore_eos: bool = False  # vLLM-style extension: always generate max_tokens (benchmarks)
+    seed: int | None = None  # sampling seed of this request alone (its own generator, batch or not)
 
     @property
     def sampling(self) -> tuple[float, float, bool]:
@@ -126,6 +127,13 @@ def _max_tokens(body: dict, limits: Limits) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limits.max_tokens:
         raise bad_request(f"{key}: must be an integer in [1, {limits.max_tokens}], got {value!r}", param=key)
     return value
+
+
+def _seed(body: dict) -> int | None:
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+        raise bad_request(f"seed: must be an integer in [-2**63, 2**64), got {seed!r}", param="seed")
+    return seed
 
 
 def _stop(body: dict) -> list[str]:
@@ -381,4 +389,5 @@ def parse_chat(body: dict[str, Any], limits: Limits) -> ChatRequest:
         reduction=reduction,
         return_kept=return_kept,
         ignore_eos=ignore_eos,
+        seed=_seed(body),
     )
