@@ -220,7 +220,9 @@ KWARGS = {"cluster": {"clusters": 4}}
 
 
 def _patch(model, method, **extra):
-    return tokenprune.patch(model, method, **{"budget": 0.5, **KWARGS.get(method, {}), **extra})
+    params = KWARGS.get(method, {})
+    budget = 0.5 if tokenprune.method(method, **params).uses_budget else None  # cluster / early_exit: none
+    return tokenprune.patch(model, method, budget=budget, **params, **extra)
 
 
 def _kept(handle) -> list[tuple[str, int, int]]:
