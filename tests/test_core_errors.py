@@ -96,5 +96,51 @@ def test_right_padding_is_refused():
 
 def test_vision_site_in_llava_next_tower_is_refused():
     model, _ = tiny.llava_next()
-    with pytest.raises(errors.SiteError, match="vision-site stages are not supported inside LLaVA-NeXT"):
+    with pytest.raises(errors.SiteError, match=r"site: 'vision' is refused .*tiled tower; allowed: \['pre_llm'"):
         tokenprune.patch(model, "random", budget=0.5, site="vision")
+
+
+@pytest.mark.parametrize("method", ["hired", "visionzip"])
+@pytest.mark.parametrize("strategy", ["full", "default"])
+def test_cls_methods_on_a_tower_without_cls_run(method, strategy):
+    """They failed at the first forward on a SigLIP LLaVA; they now score by received attention."""
+    model, proc = tiny.llava_siglip(strategy)
+    with tokenprune.patch(model, method, budget=0.5) as handle, torch.no_grad():
+        model(**tiny.batch(proc))
+    assert handle.trace.realized_budget == pytest.approx(0.5, abs=1 / 16)
+
+
+@pytest.mark.parametrize(
+    "method,params",
+    [("tome", {"budget": 0.6}), ("random", {"budget": 0.6, "site": "vision"}), ("cluster", {"clusters": 4})],
+)
+def test_vision_site_on_a_default_strategy_siglip_llava_is_refused_at_patch(method, params):
+    """LLaVA's "default" strategy drops the tower's first output token, a patch on SigLIP: pruning in the
+    tower would change which one (it failed at the first forward with a plain ValueError)."""
+    model, proc = tiny.llava_siglip("default")
+    with pytest.raises(errors.SiteError, match=r"vision_feature_select_strategy='default'.*before or inside the LLM"):
+        tokenprune.patch(model, method, **params)
+    full, proc_full = tiny.llava_siglip("full")
+    with tokenprune.patch(full, method, **params) as h, torch.no_grad():
+        full(**tiny.batch(proc_full))
+    assert h.trace.unpruned.tolist() == [16, 16]
+
+
+def test_default_strategy_siglip_layout_skips_the_dropped_patch():
+    model, proc = tiny.llava_siglip("default")
+    inputs = tiny.batch(proc)
+    assert int((inputs["input_ids"][0] == model.config.image_token_id).sum()) == 15
+    (layout,) = tokenprune.adapters.anatomy_of(model).layouts([15], None)
+    assert layout.num_tokens == 15 and (layout.row * 4 + layout.col).tolist() == list(range(1, 16))
+    with tokenprune.patch(model, "uniform", budget=0.6) as h, torch.no_grad():
+        model(**inputs)
+    assert h.trace.stages[0].counts.tolist() == [9, 9]
+
+
+@pytest.mark.parametrize("params", [{"budget": 0.2}, {"budget": 0.2, "rounds": 2}, {"r": 2}])
+def test_tome_on_llava_next_says_the_tower_site_is_refused(params):
+    """It used to suggest rounds > 1, which then failed with another SiteError."""
+    model, _ = tiny.llava_next()
+    with pytest.raises(errors.SiteError, match=r"method: tome .*LLaVA-NeXT's tiled tower") as e:
+        tokenprune.patch(model, "tome", **params)
+    assert "rounds" not in str(e.value)

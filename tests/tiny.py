@@ -31,6 +31,7 @@ from transformers import (
     Qwen2VLImageProcessorPil,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    SiglipImageProcessorPil,
     SiglipVisionConfig,
     SiglipVisionModel,
     ViTConfig,
@@ -113,6 +114,30 @@ def llava(layers: int = 8, seed: int = 0, image: int = 32, patch: int = 8):
         num_additional_image_tokens=1,
     )
     return model, proc
+
+
+def llava_siglip(strategy: str = "full", seed: int = 0):
+    """Tiny LLaVA on a SigLIP tower (no CLS token; 16 visual tokens, 15 with strategy "default")."""
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text_config(),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy=strategy,
+    )
+    proc = LlavaProcessor(
+        image_processor=SiglipImageProcessorPil(size={"height": 32, "width": 32}),
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=0,
+    )
+    return LlavaForConditionalGeneration(cfg).eval(), proc
 
 
 def llava_next(layers: int = 8, seed: int = 0):

@@ -11,6 +11,7 @@ from .core.stage import Stage
 from .core.trace import Trace
 from .errors import AttentionBackendError, BudgetError, SiteError
 from .methods import REGISTRY, Method, build
+from .methods.base import check_sites
 from .quant import check_int8_flag, quantize_int8
 
 _ATTR = "_tokenprune_handle"
@@ -115,17 +116,7 @@ def plan(m: Method, anatomy: Anatomy, budget: float | None) -> list[Stage]:
                 else "its explicit parameters fix its schedule; pass either those parameters or a budget"
             )
             raise BudgetError(f"budget: {m.name} would ignore budget={budget}: {why}")
-    if not set(m.sites) & set(anatomy.sites):
-        raise SiteError(
-            f"method: {m.name} acts at the {' or '.join(m.sites)} site, which a {anatomy.name} model does not have "
-            f"(its sites: {list(anatomy.sites)})"
-        )
-    if m.needs_cls and not anatomy.vision.has_cls:
-        usable = sorted(n for n, c in REGISTRY.items() if c.reduces_tokens and not c.needs_cls)
-        raise SiteError(
-            f"method: {m.name} ranks tokens by the vision tower's CLS attention, and this {anatomy.name} model's "
-            f"tower has no CLS token (a SigLIP tower); methods that need none: {usable}"
-        )
+    check_sites(m, anatomy)
     stages = m.stages(anatomy, budget)
     first_merge = min((st.layer for st in stages if st.site == "vision"), default=None)
     late = [st.name for st in stages if st.site == "pre_llm" and first_merge is not None

@@ -36,13 +36,14 @@ class ImageLayout:
         return int(self.tile.numel())
 
 
-def grid_layout(rows: int, cols: int, cls: bool = False) -> ImageLayout:
-    """Layout of a plain patch grid in raster order, optionally preceded by a CLS token."""
+def grid_layout(rows: int, cols: int, cls: bool = False, first: int = 0) -> ImageLayout:
+    """Layout of a plain patch grid in raster order from patch ``first`` on (LLaVA's default feature
+    strategy drops a CLS-less tower's patch 0), optionally preceded by a CLS token."""
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    r, c = r.flatten(), c.flatten()
+    r, c = r.flatten()[first:], c.flatten()[first:]
     tile = torch.zeros_like(r)
     y, x = (r.float() + 0.5) / rows, (c.float() + 0.5) / cols
-    parts = {"base": torch.arange(rows * cols) + int(cls)}
+    parts = {"base": torch.arange(r.numel()) + int(cls)}
     if cls:
         tile, r, c = (torch.cat([torch.tensor([v]), t]) for v, t in ((-2, tile), (0, r), (0, c)))
         y, x = torch.cat([torch.tensor([0.5]), y]), torch.cat([torch.tensor([0.5]), x])

@@ -73,9 +73,15 @@ def llava_anatomy(model: nn.Module) -> Anatomy:
     core = getattr(model, "model", model)
     vision = _tower_anatomy(core).vision
     rows, cols = vision.grid
+    if core.config.vision_feature_select_strategy == "default" and not vision.has_cls:
+        vision.vision_site = (
+            "its vision_feature_select_strategy='default' drops the tower's first output token, which this tower "
+            "(no CLS token, e.g. SigLIP) makes a patch, so pruning inside the tower would change which patch is "
+            "dropped; use a method acting before or inside the LLM, or a model with strategy 'full'"
+        )
 
     def layouts(lengths: list[int], inputs: dict) -> list[ImageLayout]:
-        return [grid_layout(rows, cols, cls=(n == rows * cols + 1)) for n in lengths]
+        return [grid_layout(rows, cols, cls=(n == rows * cols + 1), first=int(n == rows * cols - 1)) for n in lengths]
 
     return _vlm_anatomy("llava", model, core, vision, layouts)
 

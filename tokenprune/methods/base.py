@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from ..adapters.base import Anatomy
 from ..core.stage import Stage
-from ..errors import BudgetError, MethodArgumentError, UnknownMethodError
+from ..errors import BudgetError, MethodArgumentError, SiteError, UnknownMethodError
 
 REGISTRY: dict[str, type[Method]] = {}
 
@@ -23,7 +23,6 @@ class Method:
     summary: ClassVar[str]
     sites: ClassVar[tuple[str, ...]] = ("vision", "pre_llm", "llm")
     reduces_tokens: ClassVar[bool] = True  # False: a mechanism that keeps every token (early exit)
-    needs_cls: ClassVar[bool] = False  # True: scores tokens by the vision tower's CLS attention
 
     @property
     def uses_budget(self) -> bool:
@@ -62,7 +61,6 @@ class Compose(Method):
     def __post_init__(self) -> None:
         self.name = "+".join(p.name for p in self.parts)
         self.sites = tuple(dict.fromkeys(s for p in self.parts for s in p.sites))
-        self.needs_cls = any(p.needs_cls for p in self.parts)
         self.reduces_tokens = any(p.reduces_tokens for p in self.parts)
 
     @property
@@ -70,6 +68,8 @@ class Compose(Method):
         return any(p.uses_budget for p in self.parts)
 
     def stages(self, anatomy: Anatomy, budget: float | None) -> list[Stage]:
+        for p in self.parts:
+            check_sites(p, anatomy)
         if budget is None:
             return [st for p in self.parts for st in p.stages(anatomy, None)]
         fixed = [p.name for p in self.parts if p.reduces_tokens and not p.uses_budget]
@@ -104,6 +104,20 @@ class Compose(Method):
     def install(self, anatomy: Anatomy, hooks, state) -> None:
         for p in self.parts:
             p.install(anatomy, hooks, state)
+
+
+def check_sites(m: Method, anatomy: Anatomy) -> None:
+    """A :class:`SiteError` unless ``m`` can act at one of ``anatomy``'s sites (with the adapter's
+    reason where it refuses the vision site)."""
+    refused = anatomy.vision.vision_site
+    usable = [s for s in anatomy.sites if not (s == "vision" and refused)]
+    if set(m.sites) & set(usable):
+        return
+    why = f"; vision: {refused}" if refused and "vision" in m.sites else ""
+    raise SiteError(
+        f"method: {m.name} acts at the {' or '.join(m.sites)} site, which a {anatomy.name} model does not have "
+        f"(its sites: {usable}){why}"
+    )
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -11,7 +11,7 @@ from ..adapters.base import Anatomy
 from ..core.budget import earliest_layer, require_budget, single_stage_keep, stack_depth
 from ..core.select import allocate, grid_sample, pad_rows, random_subset
 from ..core.stage import Context, Stage
-from ..errors import MethodArgumentError
+from ..errors import MethodArgumentError, SiteError
 from .base import Method, option, register
 
 DEFAULT_LAYER = {"pre_llm": -1, "llm": 2, "vision": 1}
@@ -33,6 +33,9 @@ class _SiteMethod(Method):
         """Site and layer; without an explicit ``layer`` a stack site moves to an earlier layer
         when the budget is not reachable at the default one."""
         site = self.site or ("pre_llm" if anatomy.is_vlm else "vision")
+        if site == "vision" and anatomy.vision.vision_site:
+            raise SiteError(f"site: 'vision' is refused on this {anatomy.name} model: {anatomy.vision.vision_site}; "
+                            f"allowed: {[s for s in anatomy.sites if s != 'vision']}")
         option("site", site, anatomy.sites)
         if self.layer is not None:
             return site, int(self.layer)

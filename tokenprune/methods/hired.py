@@ -88,7 +88,6 @@ class HiRED(Method):
     name = "hired"
     summary = "HiRED: split the budget over base image / tiles by early CLS attention, top-k by late CLS attention"
     sites = ("pre_llm",)
-    needs_cls = True
     alpha: float = 0.5
     early_layer: int = 0
     late_layer: int | None = None

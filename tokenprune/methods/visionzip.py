@@ -79,7 +79,6 @@ class VisionZip(Method):
     name = "visionzip"
     summary = "VisionZip: dominant tokens by CLS attention + contextual tokens merged by key similarity"
     sites = ("pre_llm",)
-    needs_cls = True
     dominant: int | None = None
     contextual: int | None = None
 
