@@ -144,3 +144,30 @@ def test_tome_on_llava_next_says_the_tower_site_is_refused(params):
     with pytest.raises(errors.SiteError, match=r"method: tome .*LLaVA-NeXT's tiled tower") as e:
         tokenprune.patch(model, "tome", **params)
     assert "rounds" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["paligemma", "gemma3"])
+def test_a_supported_tower_inside_an_unsupported_vlm_is_refused(kind):
+    """The tower alone was accepted, then the VLM crashed inside transformers on the pruned features."""
+    model = tiny.unsupported_vlm(kind)
+    for target in (model, model.model, model.model.vision_tower):
+        with pytest.raises(errors.UnsupportedModelError, match=r"^model: .*supported models: .*LlavaForCond"):
+            tokenprune.patch(target, "random", budget=0.5)
+    with pytest.raises(errors.UnsupportedModelError, match=f"inside a {type(model).__name__}.*is not supported"):
+        tokenprune.patch(model.model.vision_tower, "random", budget=0.5)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_tower_is_patched_through_its_supported_model_or_on_its_own(llava):
+    with pytest.raises(errors.UnsupportedModelError, match="inside a LlavaForConditionalGeneration.*patch the Llava"):
+        tokenprune.patch(llava.model.vision_tower, "random", budget=0.5)
+
+    class Wrapper(nn.Module):  # a user's own module around an encoder: the encoder is the user's to prune
+        def __init__(self):
+            super().__init__()
+            self.encoder = tiny.siglip_vision()
+
+    wrapped = Wrapper()
+    with tokenprune.patch(wrapped.encoder, "random", budget=0.5) as handle, torch.no_grad():
+        wrapped.encoder(pixel_values=torch.randn(1, 3, 32, 32))
+    assert 0 < int(handle.trace.stages[0].counts[0]) < 64 and handle.trace.realized_budget < 1

@@ -140,6 +140,28 @@ def llava_siglip(strategy: str = "full", seed: int = 0):
     return LlavaForConditionalGeneration(cfg).eval(), proc
 
 
+def unsupported_vlm(kind: str, seed: int = 0):
+    """Tiny PaliGemma or Gemma 3 on a SigLIP tower: VLMs tokenprune has no adapter for."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+              "image_size": 32, "patch_size": 8}  # fmt: skip
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 1, "head_dim": 8, "vocab_size": 300}  # fmt: skip
+    if kind == "paligemma":
+        cfg = PaliGemmaConfig(vision_config=vision, text_config={"model_type": "gemma", **text},
+                              image_token_index=299, projection_dim=32)  # fmt: skip
+        return PaliGemmaForConditionalGeneration(cfg).eval()
+    cfg = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=4, image_token_index=299)
+    return Gemma3ForConditionalGeneration(cfg).eval()
+
+
 def llava_next(layers: int = 8, seed: int = 0):
     """Tiny LLaVA-NeXT with anyres pinpoints up to 64x64 on a 32x32 tower."""
     torch.manual_seed(seed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from torch import nn
 
 from ..errors import UnsupportedModelError
@@ -61,7 +63,42 @@ def anatomy_of(model: nn.Module) -> Anatomy:
         raise UnsupportedModelError(
             f"model: {type(model).__name__} is not supported; supported models: {', '.join(SUPPORTED)}"
         )
+    _refuse_inside_a_model(model)
     return found
 
 
+def _refuse_inside_a_model(encoder: nn.Module) -> None:
+    """An :class:`UnsupportedModelError` when ``encoder`` is a child of a Hugging Face model (a VLM's
+    tower): that model expects every patch back, so pruning the tower alone breaks it (PaliGemma, Gemma 3)
+    or bypasses its adapter (LLaVA)."""
+    from transformers import PreTrainedModel
+
+    top, owners = encoder, []
+    while (up := _parent(top)) is not None and up not in owners:
+        top = up
+        owners.append(top)
+    if not any(isinstance(m, PreTrainedModel) for m in owners):
+        return
+    name = type(top).__name__
+    hint = f"patch the {name} itself" if name in SUPPORTED else f"{name} is not supported"
+    raise UnsupportedModelError(
+        f"model: this {type(encoder).__name__} is inside a {name}, which reads every patch it outputs, so it "
+        f"cannot be pruned on its own; {hint} (supported models: {', '.join(SUPPORTED)})"
+    )
+
+
 __all__ = ["Anatomy", "ImageLayout", "LLMParts", "VisionParts", "anatomy_of", "grid_layout", "SUPPORTED"]
+
+
+def _parent(module: nn.Module) -> nn.Module | None:
+    """The module holding ``module`` in its ``_modules`` (torch keeps no parent link: the garbage
+    collector's referrers give it, through the instance ``__dict__`` where Python keeps one)."""
+    for children in gc.get_referrers(module):
+        if type(children) is not dict or not any(v is module for v in children.values()):
+            continue
+        for holder in gc.get_referrers(children):
+            if type(holder) is dict and holder.get("_modules") is children:  # the parent's __dict__
+                holder = next((m for m in gc.get_referrers(holder) if getattr(m, "__dict__", None) is holder), None)
+            if issubclass(type(holder), nn.Module) and holder._modules is children:
+                return holder
+    return None
