@@ -153,16 +153,17 @@ def test_a_supported_tower_inside_an_unsupported_vlm_is_refused(kind):
     for target in (model, model.model, model.model.vision_tower):
         with pytest.raises(errors.UnsupportedModelError, match=r"^model: .*supported models: .*LlavaForCond"):
             tokenprune.patch(target, "random", budget=0.5)
-    with pytest.raises(errors.UnsupportedModelError, match=f"inside a {type(model).__name__}.*is not supported"):
+    owner = type(model).__name__
+    with pytest.raises(errors.UnsupportedModelError, match=f"vision tower of a {owner}.*is not supported"):
         tokenprune.patch(model.model.vision_tower, "random", budget=0.5)
     assert not any(m._forward_pre_hooks for m in model.modules())
 
 
 def test_a_tower_is_patched_through_its_supported_model_or_on_its_own(llava):
-    with pytest.raises(errors.UnsupportedModelError, match="inside a LlavaForConditionalGeneration.*patch the Llava"):
+    with pytest.raises(errors.UnsupportedModelError, match="tower of a LlavaForConditionalGeneration.*patch the Llava"):
         tokenprune.patch(llava.model.vision_tower, "random", budget=0.5)
 
-    class Wrapper(nn.Module):  # a user's own module around an encoder: the encoder is the user's to prune
+    class Wrapper(nn.Module):  # a module around an encoder that is no VLM: the encoder is the user's to prune
         def __init__(self):
             super().__init__()
             self.encoder = tiny.siglip_vision()

@@ -68,26 +68,23 @@ def anatomy_of(model: nn.Module) -> Anatomy:
 
 
 def _refuse_inside_a_model(encoder: nn.Module) -> None:
-    """An :class:`UnsupportedModelError` when ``encoder`` is a child of a Hugging Face model (a VLM's
-    tower): that model expects every patch back, so pruning the tower alone breaks it (PaliGemma, Gemma 3)
-    or bypasses its adapter (LLaVA)."""
-    from transformers import PreTrainedModel
-
+    """An :class:`UnsupportedModelError` when ``encoder`` is the tower of a vision-language model (a
+    model whose config has ``vision_config`` and ``text_config``): the VLM reads every patch, so pruning
+    the tower alone breaks it (PaliGemma, Gemma 3) or bypasses its adapter (LLaVA). Encoders inside
+    other modules (a ViT classifier's ``.vit``, a user's wrapper) stay the user's to prune."""
     top, owners = encoder, []
     while (up := _parent(top)) is not None and up not in owners:
         top = up
         owners.append(top)
-    if not any(isinstance(m, PreTrainedModel) for m in owners):
+    cfgs = [getattr(m, "config", None) for m in owners]
+    if not any(hasattr(c, "vision_config") and hasattr(c, "text_config") for c in cfgs):
         return
     name = type(top).__name__
     hint = f"patch the {name} itself" if name in SUPPORTED else f"{name} is not supported"
     raise UnsupportedModelError(
-        f"model: this {type(encoder).__name__} is inside a {name}, which reads every patch it outputs, so it "
-        f"cannot be pruned on its own; {hint} (supported models: {', '.join(SUPPORTED)})"
+        f"model: this {type(encoder).__name__} is the vision tower of a {name}, which reads every patch it "
+        f"outputs, so it cannot be pruned on its own; {hint} (supported models: {', '.join(SUPPORTED)})"
     )
-
-
-__all__ = ["Anatomy", "ImageLayout", "LLMParts", "VisionParts", "anatomy_of", "grid_layout", "SUPPORTED"]
 
 
 def _parent(module: nn.Module) -> nn.Module | None:
@@ -102,3 +99,6 @@ def _parent(module: nn.Module) -> nn.Module | None:
             if issubclass(type(holder), nn.Module) and holder._modules is children:
                 return holder
     return None
+
+
+__all__ = ["Anatomy", "ImageLayout", "LLMParts", "VisionParts", "anatomy_of", "grid_layout", "SUPPORTED"]
