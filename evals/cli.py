@@ -34,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
         prog="tokenprune-eval",
         description="Accuracy, FLOPs and latency of visual-token pruning methods against the unpruned model.",
     )
-    p.add_argument("--model", required=True, help="checkpoint folder, or bundled:llava / bundled:llava_next")
+    p.add_argument("--model", required=True, help="checkpoint folder (LLaVA, LLaVA-NeXT, LLaVA-OneVision, "
+                   "Qwen2-VL, Qwen2.5-VL, Qwen3-VL), or bundled:llava / bundled:llava_next")
     p.add_argument("--task", "--tasks", dest="tasks", type=_names, default=["shapes"],
                    help=f"comma-separated tasks: {', '.join(TASKS)} (default shapes)")
     p.add_argument("--methods", type=_names, default=["none", "random", "fastv"],

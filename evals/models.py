@@ -10,7 +10,10 @@ import torch
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+           "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+           "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+           "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 
 
 def resolve_dtype(name: str | None) -> torch.dtype | None:
@@ -25,7 +28,8 @@ def resolve_dtype(name: str | None) -> torch.dtype | None:
 def load_model(spec: str, device: str = "cpu", dtype: str | None = None, attn_implementation: str | None = "sdpa",
                int8: bool = False) -> tuple[Any, Any]:
     """``(model, processor)`` for ``spec``: ``bundled:llava`` / ``bundled:llava_next`` (the package's
-    fixtures) or a local LLaVA / LLaVA-NeXT checkpoint folder. Offline only (``local_files_only``)."""
+    fixtures) or a local checkpoint folder of a supported family (``CLASSES``: LLaVA, LLaVA-NeXT,
+    LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Offline only (``local_files_only``)."""
     import transformers
 
     if spec.startswith("bundled:"):

@@ -15,6 +15,7 @@ from transformers import AttentionInterface
 from transformers.vision_utils import get_vision_window_index
 
 import tokenprune
+from tokenprune import flops
 from tokenprune.errors import SiteError, TokenPruneError
 from tokenprune.methods import REGISTRY
 
@@ -342,3 +343,92 @@ def test_received_attention_is_the_towers_own_attention_per_merged_unit():
         model(**inputs)
     kept = handle.trace.stage("hired").kept[0]
     assert torch.equal(kept, received.topk(round(0.4 * 48)).indices.sort().values)
+
+
+def test_flops_count_the_packed_tower_and_merger(family):
+    """Vision + projector MACs of an image and a video (windowed blocks per window, full blocks per
+    frame; the 2x2 merger and Qwen3-VL's deepstack mergers) equal what FlopCounterMode counts."""
+    model = _model(family)
+    inputs = tiny.qwen_inputs(_samples("video"), timestamps=family == "qwen3_vl")
+    est = flops.estimate(model, inputs)
+    with flops.flop_counter() as counter, torch.no_grad():
+        model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    assert 2 * sum(e.vision + e.projector for e in est) == counter.get_total_flops()
+    assert all(e.vision > 0 and e.projector > 0 for e in est)
+    with tokenprune.patch(model, "random", budget=0.25) as handle, torch.no_grad():
+        model(**inputs)
+    pruned = flops.estimate(model, inputs, handle.trace)
+    for full, cut in zip(est, pruned):
+        assert cut.vision == full.vision and cut.llm_prefill < full.llm_prefill
+
+
+class _Processor:
+    """What Qwen2.5-VL's processor does for one image per prompt (the real one needs torchvision)."""
+
+    chat_template = None
+
+    def __init__(self) -> None:
+        self.tokenizer = tiny.qwen_tokenizer()
+
+    def __call__(self, images, text, return_tensors="pt", padding=True):
+        pieces = [t.split("<image>") for t in text]
+        return tiny.qwen_inputs([[pre, ("image", img), post] for img, (pre, post) in zip(images, pieces)])
+
+
+def test_eval_runner_accepts_qwen():
+    from evals import runner
+    from evals.tasks import get_task
+
+    model = tiny.qwen2_5_vl()
+    task = get_task("shapes")
+    docs = list(enumerate(task.docs(4, 0)))
+    opts = runner.RunOptions(batch_size=2, max_new_tokens=3, overlays=0)
+    base = runner.run_docs(model, _Processor(), task, docs, "none", None, opts)
+    pruned = runner.run_docs(model, _Processor(), task, docs, "fastv", 0.5, opts)
+    for b, p in zip(base, pruned):
+        assert b["unpruned_visual_tokens"] == p["unpruned_visual_tokens"] > 0
+        assert p["flops"]["vision"] == b["flops"]["vision"] > 0
+        assert p["flops"]["llm_prefill"] < b["flops"]["llm_prefill"]
+        assert abs(sum(p["visual_tokens_per_layer"]) / len(p["visual_tokens_per_layer"])
+                   / p["unpruned_visual_tokens"] - 0.5) < 0.1
+
+
+def test_early_exit_fills_skipped_qwen3_layers_exactly():
+    """MuE decode exit on Qwen3-VL: a skipped layer's cache gets the exit state's keys through the
+    layer's k_norm and RoPE, so every step equals a cache-free run in which the generated tokens
+    pass the skipped layers unchanged."""
+    model = _model("qwen3_vl")
+    inputs = tiny.qwen_inputs(_samples("sizes")[:1])
+    n = 8
+    with tokenprune.patch(model, "early_exit", threshold=0.93, min_layer=1) as handle:
+        tokens, step_logits = _generate(model, inputs, n)
+    layers = handle.trace.early_exit.layers_per_token[0]
+    # on this tiny model: tokens exit at varied depths, and a later token reads an exited one's fill
+    assert any(int(layers[t]) < int(layers[u]) for t in range(n - 1) for u in range(t + 1, n - 1)), layers
+    prompt = inputs["input_ids"].shape[1]
+    lm_layers = model.model.language_model.layers
+    for s in range(1, n):
+        run = torch.full((prompt + s,), 8)
+        run[prompt:] = layers[:s]
+
+        def freeze(mod, args, out, j, run=run):
+            return torch.where((run <= j)[None, :, None], args[0], out)
+
+        hooks = [lay.register_forward_hook(lambda m, a, o, j=j: freeze(m, a, o, j)) for j, lay in enumerate(lm_layers)]
+        pad = torch.ones_like(tokens[:, :s])
+        extended = {**inputs, "input_ids": torch.cat([inputs["input_ids"], tokens[:, :s]], 1),
+                    "attention_mask": torch.cat([inputs["attention_mask"], pad], 1),
+                    "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], 0 * pad], 1)}
+        try:
+            with torch.no_grad():
+                logits = model(**extended, use_cache=False).logits[0, -1]
+        finally:
+            for h in hooks:
+                h.remove()
+        assert torch.allclose(logits, step_logits[0, s], atol=1e-4), s
+
+
+def test_image_exit_is_refused_on_packed_towers(family):
+    with pytest.raises(tokenprune.errors.MethodArgumentError, match="vision_threshold"):
+        tokenprune.patch(_model(family), "early_exit", vision_threshold=0.9)

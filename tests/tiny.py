@@ -319,10 +319,10 @@ QWEN_PROMPTS = ["USER: {} what is shown in the picture? ASSISTANT:", "USER: {} d
 def qwen_inputs(samples: list[list], video_seed: int = 0, timestamps: bool = False) -> dict:
     """Model inputs for Qwen-style VLMs, built as the processor does: ``samples`` are lists of text
     pieces and visual items, ``("image", (h, w))`` (a random image of that size, seeded by its
-    order) or ``("video", (frames, h, w))`` (random patches); each item becomes vision_start, one
-    placeholder per merged unit, vision_end. With ``timestamps`` (Qwen3-VL) every temporal patch of
-    a video is its own such run, after a ``<t seconds>`` text. Left padded; ``mm_token_type_ids``
-    1 image, 2 video."""
+    order; or ``("image", a PIL image)``) or ``("video", (frames, h, w))`` (random patches); each
+    item becomes vision_start, one placeholder per merged unit, vision_end. With ``timestamps``
+    (Qwen3-VL) every temporal patch of a video is its own such run, after a ``<t seconds>`` text.
+    Left padded; ``mm_token_type_ids`` 1 image, 2 video."""
     tok = qwen_tokenizer()
     ids = _qwen_ids()
     proc = Qwen2VLImageProcessorPil(min_pixels=4 * QWEN_PATCH**2, max_pixels=256 * QWEN_PATCH**2,
@@ -341,7 +341,8 @@ def qwen_inputs(samples: list[list], video_seed: int = 0, timestamps: bool = Fal
             kind, size = piece
             if kind == "image":
                 n_img += 1
-                out = proc(images=[image(*size, n_img)], return_tensors="pt")
+                img = size if isinstance(size, Image.Image) else image(*size, n_img)
+                out = proc(images=[img], return_tensors="pt")
                 pixels.append(out["pixel_values"])
                 grids.append(out["image_grid_thw"])
                 thw, token, code = out["image_grid_thw"][0], ids["image_token_id"], 1

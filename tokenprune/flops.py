@@ -1,4 +1,4 @@
-"""Analytic FLOPs of a (pruned) LLaVA-style model, per stage, from its config and a prefill trace.
+"""Analytic FLOPs of a (pruned) LLaVA-style or Qwen-VL model, per stage, from its config and a prefill trace.
 
 Convention (stated once, used everywhere in tokenprune):
 
@@ -13,7 +13,9 @@ Convention (stated once, used everywhere in tokenprune):
   k/v projections; we count them **as they are** (``convention="exact"``, the default, which the
   ``FlopCounterMode`` cross-check test uses). ``convention="paper"`` counts ``4nd^2`` regardless of GQA,
   to compare with the FastV / PyramidDrop tables.
-* Stages: ``vision`` (patch embedding + encoder layers, every tile), ``projector``, ``llm_prefill``
+* Stages: ``vision`` (patch embedding + encoder layers, every tile; on Qwen's packed tower every
+  image / video at its own resolution, attention per image in full-attention blocks and per window
+  in windowed ones), ``projector`` (Qwen: the 2x2 merger, and Qwen3-VL's deepstack mergers), ``llm_prefill``
   (decoder layers only, like the papers), ``lm_head`` (logits of the last prompt token, as ``generate``
   computes) and ``decode_per_token`` (one generated token: layers + LM head, mean over the new tokens).
 * Not counted (nor by the papers): norms, RoPE, softmax, activations, embeddings lookups, biases.
@@ -21,12 +23,14 @@ Convention (stated once, used everywhere in tokenprune):
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-GATED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "vicuna")
+GATED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "vicuna",
+                     "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,62 @@ def tiles_per_sample(model: Any, inputs: dict[str, Any]) -> list[int]:
     return [n_img // ids.shape[0]] * ids.shape[0]
 
 
+def _linear_macs(module: Any) -> int:
+    """MACs per token of every ``nn.Linear`` inside ``module``."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def packed_vision_macs(model: Any, inputs: dict[str, Any]) -> list[tuple[float, float]]:
+    """(vision, projector) MACs per sample of a Qwen-style packed tower: per image / video of
+    ``t x h x w`` patches, the patch embedding, every block's linears on all patches plus Q K^T and
+    A V within each attention chunk (an image frame in full-attention blocks, a window in windowed
+    ones, as the tower's own ``cu_seqlens`` say), and the merger(s) on the 2x2 units."""
+    from transformers.vision_utils import get_vision_window_index
+
+    core = model.model if hasattr(model, "model") else model
+    visual = core.visual
+    unit = visual.spatial_merge_size**2
+    conv = visual.patch_embed.proj
+    embed = conv.in_channels * math.prod(conv.kernel_size) * conv.out_channels
+    dim = conv.out_channels
+    full = getattr(visual, "fullatt_block_indexes", None)
+    mergers = [visual.merger, *getattr(visual, "deepstack_merger_list", [])]
+    merge = sum(_linear_macs(m) for m in mergers)
+
+    def item(thw: torch.Tensor) -> tuple[float, float]:
+        t, h, w = (int(v) for v in thw)
+        n = t * h * w
+        frames = [h * w] * t
+        windows = frames
+        if hasattr(visual, "window_size"):
+            _, cu = get_vision_window_index(thw[None], spatial_merge_size=visual.spatial_merge_size,
+                                            window_size=visual.window_size, patch_size=visual.patch_size)
+            windows = torch.as_tensor(cu).diff().tolist()
+        vision = float(n * embed)
+        for j, block in enumerate(visual.blocks):
+            chunks = frames if full is None or j in full else windows
+            vision += n * _linear_macs(block) + 2 * dim * sum(c * c for c in chunks)
+        return vision, float(n // unit * merge)
+
+    ids = inputs["input_ids"]
+    out = [[0.0, 0.0] for _ in range(ids.shape[0])]
+    cfg = core.config
+    for kind, token in (("image", cfg.image_token_id), ("video", cfg.video_token_id)):
+        grid = inputs.get(f"{kind}_grid_thw")
+        if grid is None:
+            continue
+        lengths = (grid.prod(-1) // unit).tolist()
+        counts, i = (ids == token).sum(-1).tolist(), 0
+        for b, count in enumerate(counts):
+            while count > 0 and i < len(lengths):
+                v, p = item(grid[i])
+                out[b][0] += v
+                out[b][1] += p
+                count -= lengths[i]
+                i += 1
+    return [(v, p) for v, p in out]
+
+
 def estimate(model: Any, inputs: dict[str, Any], trace: Any = None, new_tokens: int = 1,
              convention: str = "exact") -> list[FlopsBreakdown]:
     """Per-sample MACs of ``model`` (LLaVA / LLaVA-NeXT) on ``inputs`` (processor output).
@@ -184,19 +244,25 @@ def estimate(model: Any, inputs: dict[str, Any], trace: Any = None, new_tokens: 
     cfg = model.config
     tcfg = cfg.get_text_config()
     geo = DecoderGeometry.from_config(tcfg)
-    vgeo, n_patch, embed, has_cls = _vision_geometry(cfg.vision_config)
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-    is_img = (ids == cfg.image_token_id) & real
+    packed = hasattr(getattr(model, "model", model), "visual")  # Qwen: packed tower, images and videos
+    placeholders = [cfg.image_token_id] + ([cfg.video_token_id] if packed else [])
+    is_img = torch.isin(ids, torch.tensor(placeholders, device=ids.device)) & real
+    if packed:
+        tower = packed_vision_macs(model, inputs)
+    else:
+        vgeo, n_patch, embed, has_cls = _vision_geometry(cfg.vision_config)
     n_text = (real & ~is_img).sum(-1).tolist()
     n_vis = is_img.sum(-1).tolist()
-    tiles = tiles_per_sample(model, inputs)
-    strategy = getattr(cfg, "vision_feature_select_strategy", "default")
-    cls_off = int(has_cls and strategy == "full")
-    vfl = getattr(cfg, "vision_feature_layer", -2)
-    n_feat_layers = 1 if isinstance(vfl, int) else len(vfl)
-    proj_in = vgeo.hidden * n_feat_layers
+    if not packed:
+        tiles = tiles_per_sample(model, inputs)
+        strategy = getattr(cfg, "vision_feature_select_strategy", "default")
+        cls_off = int(has_cls and strategy == "full")
+        vfl = getattr(cfg, "vision_feature_layer", -2)
+        n_feat_layers = 1 if isinstance(vfl, int) else len(vfl)
+        proj_in = vgeo.hidden * n_feat_layers
     vision_stages = [st for st in (trace.stages if trace is not None else []) if st.site == "vision"]
     out = []
     for b in range(ids.shape[0]):
@@ -205,16 +271,11 @@ def estimate(model: Any, inputs: dict[str, Any], trace: Any = None, new_tokens: 
         else:
             visual = [float(n_vis[b])] * geo.layers
         per_layer = [n_text[b] + v for v in visual]
-        # vision encoder: tokens entering each encoder layer (per tile)
-        enc = [float(n_patch + int(has_cls))] * vgeo.layers
-        proj_tokens = float(tiles[b] * (n_patch + cls_off))
-        for st in vision_stages:
-            kept = float(st.counts[b]) - cls_off + int(has_cls)
-            for j in range(st.layer, vgeo.layers):
-                enc[j] = kept
-            proj_tokens = float(st.counts[b])
-        vision = tiles[b] * (embed + sum(layer_macs(vgeo, n) for n in enc)) if tiles[b] else 0.0
-        projector = proj_tokens * (proj_in * geo.hidden + geo.hidden * geo.hidden) if tiles[b] else 0.0
+        if packed:
+            vision, projector = tower[b]
+        else:
+            vision, projector = _batched_vision(vgeo, n_patch, embed, has_cls, cls_off, tiles[b], proj_in, geo,
+                                                vision_stages, b)
         out.append(FlopsBreakdown(
             vision=float(vision),
             projector=float(projector),
@@ -225,6 +286,22 @@ def estimate(model: Any, inputs: dict[str, Any], trace: Any = None, new_tokens: 
             convention=convention,
         ))
     return out
+
+
+def _batched_vision(vgeo: DecoderGeometry, n_patch: int, embed: int, has_cls: bool, cls_off: int, tiles: int,
+                    proj_in: int, geo: DecoderGeometry, vision_stages: list, b: int) -> tuple[float, float]:
+    """(vision, projector) MACs of sample ``b`` on a CLIP/SigLIP tower: tokens entering each encoder
+    layer per tile (vision-site stages reduce them from their layer on), then the projector."""
+    enc = [float(n_patch + int(has_cls))] * vgeo.layers
+    proj_tokens = float(tiles * (n_patch + cls_off))
+    for st in vision_stages:
+        kept = float(st.counts[b]) - cls_off + int(has_cls)
+        for j in range(st.layer, vgeo.layers):
+            enc[j] = kept
+        proj_tokens = float(st.counts[b])
+    vision = tiles * (embed + sum(layer_macs(vgeo, n) for n in enc)) if tiles else 0.0
+    projector = proj_tokens * (proj_in * geo.hidden + geo.hidden * geo.hidden) if tiles else 0.0
+    return float(vision), float(projector)
 
 
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

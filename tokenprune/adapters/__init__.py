@@ -1,4 +1,29 @@
-"""Model adapters: find where things are in each supported architecture."""
+"""Model adapters: find where things are in each supported architecture.
+
+The engine (:mod:`tokenprune.core`) never names a model; it reads an :class:`Anatomy` that an
+adapter builds from the model's modules. Adding the next family (Gemma 3, InternVL, Idefics3, ...)
+is one adapter file here plus one line in :func:`anatomy_of`:
+
+1. ``vision``: a :class:`VisionParts` -- the encoder's layer list, how to reach each layer's
+   attention and norms, ``has_cls``, the patch ``grid``, the ``tower`` kind (``"batched"``: a
+   (T, N, D) batch of images / crops, whose CLS, received-attention and key scores the engine
+   computes; ``"packed"``: one sequence for all images, with the adapter's own ``scorers``), and
+   ``vision_site`` = the reason vision-site stages cannot run inside it (None if they can).
+2. ``llm``: :class:`LLMParts` (``llava.llm_parts`` serves any Llama-style decoder; set
+   ``head_norms`` for per-head q/k norms, ``injections`` for features the LLM adds to visual tokens
+   between layers, as Qwen3-VL's deepstack).
+3. ``vlm_core``: the module whose forward merges visual features into the text sequence (its
+   forward pre-hook is the pre-LLM site), and ``sequence``: a :class:`Sequence` with one
+   :class:`Modality` per visual input (placeholder token id, pixel inputs, the core's encoder method
+   and how to call it on a forward's inputs, an :class:`ImageLayout` per item -- which tokens are
+   base view, tile, frame, newline, and where they sit), the per-token inputs compacted with
+   ``input_ids``, and the position kind (``"1d"``, or ``"mrope"`` with the model's own rope-index
+   function and its decode continuation).
+
+Tests: build the family's tiny model from a config in ``tests/tiny.py`` and run the invariants of
+``tests/test_qwen.py`` (budget 1.0 exact for every method or a typed refusal, ``remove()``, batch
+equals samples alone, pre-LLM pruning equals an explicitly pruned reference, KV-cache decoding).
+"""
 
 from __future__ import annotations
 

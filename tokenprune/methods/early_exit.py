@@ -192,6 +192,11 @@ class EarlyExit(Method):
                 f"early_exit: on a standalone {anatomy.name} encoder give vision_threshold= (MuE similarity exit) "
                 "or, for ViTForImageClassification, heads= (LGViT exit heads; tokenprune.early_exit_heads)"
             )
+        if self.vision_threshold is not None and anatomy.vision.tower != "batched":
+            raise MethodArgumentError(
+                f"vision_threshold: the image exit freezes rows of a batched encoder; {anatomy.name}'s vision tower "
+                "packs every image into one sequence; allowed here: None"
+            )
         if anatomy.is_vlm:
             self._install_llm(anatomy, hooks, state, rt)
         self._install_encoder(anatomy, hooks, state, rt, heads if classifier is not None else None)
@@ -227,6 +232,8 @@ class EarlyExit(Method):
             b, q, _ = x.shape
             hd = attn.head_dim
             k = attn.k_proj(x).view(b, q, -1, hd).transpose(1, 2)
+            k_norm = lp.head_norms(attn)[1]  # Qwen3: the layer's per-head key norm comes before RoPE
+            k = k if k_norm is None else k_norm(k)
             v = attn.v_proj(x).view(b, q, -1, hd).transpose(1, 2)
             cos, sin = kw["position_embeddings"]
             cache.update(apply_rope(k, cos, sin), v, attn.layer_idx)
