@@ -11,7 +11,8 @@ import tokenprune
 from tokenprune.errors import SiteError, TokenPruneError
 from tokenprune.methods import REGISTRY
 
-SERVED = {"random", "uniform", "fastv", "pdrop", "feather", "hired", "visionzip"}
+SERVED = {"random", "uniform", "fastv", "pdrop", "feather", "hired", "visionzip", "early_exit"}
+FULL = {"early_exit": {"threshold": None}}  # full-budget settings of methods that take no budget
 A, B = tiny.QWEN_PROMPTS[0].split("{}"), tiny.QWEN_PROMPTS[1].split("{}")
 SAMPLES = {
     "sizes": [[A[0], ("image", (40, 70)), A[1]], [B[0], ("image", (64, 32)), B[1]]],  # anyres tiles, 52 / 44 tokens
@@ -38,7 +39,7 @@ def test_every_method_is_exact_at_full_budget_or_refused(model):
     served = set()
     for name in sorted(REGISTRY):
         try:
-            handle = tokenprune.patch(model, name, budget=1.0)
+            handle = tokenprune.patch(model, name, **FULL.get(name, {"budget": 1.0}))
         except TokenPruneError as err:
             assert name not in SERVED, (name, err)
             assert re.match(r"^[a-z_]+: ", str(err)), err

@@ -20,7 +20,8 @@ from tokenprune.errors import SiteError, TokenPruneError
 from tokenprune.methods import REGISTRY
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-SERVED = {"random", "uniform", "fastv", "pdrop", "feather", "hired", "visionzip"}  # must run (not refuse) on Qwen
+SERVED = {"random", "uniform", "fastv", "pdrop", "feather", "hired", "visionzip", "early_exit"}  # run on Qwen
+FULL = {"early_exit": {"threshold": None}}  # full-budget settings of methods that take no budget
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -79,7 +80,7 @@ def test_every_method_is_exact_at_full_budget_or_refused(family, attn):
     served = set()
     for name in sorted(REGISTRY):
         try:
-            handle = tokenprune.patch(model, name, budget=1.0)
+            handle = tokenprune.patch(model, name, **FULL.get(name, {"budget": 1.0}))
         except TokenPruneError as err:  # a typed refusal at patch(), naming the parameter
             assert name not in SERVED, (name, err)
             assert re.match(r"^[a-z_]+: ", str(err)), err
