@@ -433,3 +433,16 @@ def test_early_exit_fills_skipped_qwen3_layers_exactly():
 def test_image_exit_is_refused_on_packed_towers(family):
     with pytest.raises(tokenprune.errors.MethodArgumentError, match="vision_threshold"):
         tokenprune.patch(_model(family), "early_exit", vision_threshold=0.9)
+
+
+def test_the_model_core_is_patched_like_the_full_model(family):
+    """``Qwen*VLModel`` (no LM head) is found by type too: budget 1.0 is exact, pruning shortens."""
+    core = _model(family).model
+    inputs = tiny.qwen_batch()
+    with torch.no_grad():
+        ref = core(**inputs).last_hidden_state
+    with tokenprune.patch(core, "uniform", budget=1.0), torch.no_grad():
+        assert torch.equal(core(**inputs).last_hidden_state, ref)
+    with tokenprune.patch(core, "uniform", budget=0.5) as handle, torch.no_grad():
+        out = core(**inputs).last_hidden_state
+    assert out.shape[1] < ref.shape[1] and handle.trace.realized_budget == pytest.approx(0.5, abs=0.1)
