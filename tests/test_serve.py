@@ -152,6 +152,20 @@ def test_parse_chat_defaults():
     assert req.max_tokens is None and not req.stream and req.temperature == 0.0 and req.reduction is None
 
 
+def test_override_inherits_the_default_budget_only_where_it_is_used(local):
+    """A per-request method takes the server's default budget unless it would ignore one (early exit,
+    an explicit schedule), which ``patch()`` refuses."""
+    from tokenprune.serve.model import ModelRunner
+    from tokenprune.serve.protocol import Reduction
+
+    runner = ModelRunner(*local, Reduction("pdrop", 0.2), Limits(), "m")
+    assert runner.resolve(Reduction("fastv", None)).budget == 0.2
+    assert runner.resolve(Reduction("fastv", None, (("k", 2), ("r", 0.5)))).budget is None
+    assert runner.resolve(Reduction("early_exit", None, (("threshold", 0.9),))).budget is None
+    with pytest.raises(tokenprune.serve.errors.APIError, match="budget: early_exit would ignore"):
+        runner.resolve(Reduction("early_exit", 0.5))
+
+
 # ---- the server through the openai client ---------------------------------------------------------
 
 
