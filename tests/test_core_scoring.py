@@ -8,6 +8,7 @@ import torch
 
 import tokenprune
 from tokenprune.core.scoring import cls_attention, key_similarity, query_attention
+from tokenprune.core.state import cache_of
 
 
 def _capture_layer_inputs(model, layer_idx):
@@ -37,7 +38,7 @@ def test_query_attention_matches_eager_weights(layer_idx):
     valid = inputs["attention_mask"].bool()[:, None, None, :].expand_as(ref)
     assert torch.allclose(ours[valid], ref[valid].float(), atol=1e-5)
     # with the post-RoPE keys taken from the cache instead of recomputed
-    cache_keys = seen["kw"]["past_key_values"].layers[layer_idx].keys
+    cache_keys = cache_of(seen["kw"]).layers[layer_idx].keys
     ours_cached = query_attention(
         attn, kw["hidden_states"], cols, kw["position_embeddings"], kw["attention_mask"], cache_keys
     )

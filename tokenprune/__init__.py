@@ -7,7 +7,7 @@ handle.remove()       # the original model again
 """
 
 from . import errors
-from .api import PatchHandle, method, methods, patch, unpatch
+from .api import PatchHandle, handle_of, method, methods, patch, unpatch
 from .core.stage import Context, Stage
 from .core.trace import StageRecord, Trace
 from .methods import FastV, Method, Random, Uniform, register
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "patch",
     "unpatch",
+    "handle_of",
     "method",
     "methods",
     "PatchHandle",

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import weakref
+
+import torch
 from torch import nn
 
 from .adapters import Anatomy, anatomy_of
 from .core.budget import check_budget
 from .core.engine import Engine
+from .core.labels import kept_columns
 from .core.stage import Stage
 from .core.trace import Trace
-from .errors import AttentionBackendError, BudgetError, SiteError
+from .errors import AttentionBackendError, BudgetError, PatchedModelError, SiteError
 from .methods import REGISTRY, Method, build
 from .methods.base import check_sites
 from .quant import check_int8_flag, quantize_int8
 
 _ATTR = "_tokenprune_handle"
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # active handles, to refuse nested patches
 SCORING_BACKENDS = ("eager", "sdpa")
 
 
@@ -32,9 +39,17 @@ class PatchHandle:
 
     @property
     def trace(self) -> Trace | None:
-        """What the last prefill kept (None before the first forward); still readable after
-        ``remove()``."""
+        """What the calling thread's last prefill kept (None before its first forward): hooks keep
+        per-forward state per thread, so concurrent ``generate()`` calls each read their own.
+        Still readable after ``remove()`` (the removing thread's last trace)."""
         return self._engine.state.trace if self._engine is not None else self._final_trace
+
+    @property
+    def kept_columns(self) -> torch.Tensor | None:
+        """(B, L_out): the ``input_ids`` column of each position of the calling thread's last
+        prefill's output (logits, hidden states), -1 for inserted padding; None when the sequence
+        was not shortened. Pruning makes ``logits`` shorter than ``input_ids``; this maps them back."""
+        return kept_columns(self._engine.state) if self._engine is not None else None
 
     @property
     def active(self) -> bool:
@@ -83,13 +98,17 @@ def patch(
             settings). Stays in place after ``handle.remove()``; a no-op on layers already int8.
         **params: the method's own parameters (e.g. ``k=2, r=0.5`` for FastV).
 
-    Patching a model that already has a patch replaces it. Returns a :class:`PatchHandle`.
+    Patching a model that already has a patch replaces it; patching a module inside or around a
+    patched one raises :class:`~tokenprune.errors.PatchedModelError`. ``copy.deepcopy(model)`` gives
+    a copy with its own equivalent patch (:func:`handle_of`); pickling a patched model raises
+    ``PatchedModelError`` (save ``model.state_dict()``). Returns a :class:`PatchHandle`.
     """
     check_int8_flag(int8)  # before touching the model: bitsandbytes must be importable
     budget = check_budget(budget) if budget is not None else None
     m = build(method, **params)
     anatomy = anatomy_of(model)
     stages = plan(m, anatomy, budget)
+    _refuse_nesting(model)
     unpatch(model)
     engine = Engine(anatomy, stages, m.install)
     if int8:  # after every check passed; hooks on replaced linears move to the int8 layers
@@ -99,7 +118,10 @@ def patch(
             engine.remove()
             raise
     handle = PatchHandle(model, m, budget, engine)
+    engine.hooks.setattr(model, "__deepcopy__", functools.partial(_deepcopy_patched, handle))
+    engine.hooks.setattr(model, "__reduce_ex__", _refuse_pickling)
     model.__dict__[_ATTR] = handle
+    _LIVE.add(handle)
     return handle
 
 
@@ -136,6 +158,46 @@ def plan(m: Method, anatomy: Anatomy, budget: float | None) -> list[Stage]:
                 "(model.set_attn_implementation('sdpa'))"
             )
     return stages
+
+
+def handle_of(model: nn.Module) -> PatchHandle | None:
+    """The active patch on ``model`` (e.g. the one ``copy.deepcopy`` gave a copy), or None."""
+    return model.__dict__.get(_ATTR)
+
+
+def _refuse_nesting(model: nn.Module) -> None:
+    """A patch inside or around another would prune twice and each trace would describe half."""
+    inside = {id(m) for m in model.modules()}
+    for other in list(_LIVE):
+        if not other.active or other.model is model:
+            continue
+        if id(other.model) in inside or any(id(m) in inside for m in other._engine.hooks.modules()):
+            where = "inside" if id(other.model) in inside else "around"
+            raise PatchedModelError(
+                f"model: a {type(other.model).__name__} {where} this {type(model).__name__} is already patched "
+                f"({other!r}); nested patches would prune twice. Remove it first (handle.remove() or "
+                "tokenprune.unpatch(...) on that module), or patch one of the two"
+            )
+
+
+def _deepcopy_patched(handle: PatchHandle, memo: dict) -> nn.Module:
+    """``copy.deepcopy`` of a patched model: a plain copy of the modules (the patch's hooks taken
+    off it), carrying its own equivalent, independent patch (a new handle: :func:`handle_of`)."""
+    model = handle.model
+    memo[id(handle)] = None  # the old handle (and its per-thread state) is not copied
+    clone = copy._reconstruct(model, memo, *type(model).__reduce_ex__(model, 4))
+    handle._engine.hooks.strip_copy(memo)
+    clone.__dict__.pop(_ATTR, None)
+    patch(clone, copy.deepcopy(handle.method), handle.budget)
+    return clone
+
+
+def _refuse_pickling(protocol: int):
+    raise PatchedModelError(
+        "model: a patched model cannot be pickled (torch.save(model), copy.copy): its hooks are closures over this "
+        "process's modules. Save model.state_dict() (the weights are unchanged by the patch), or call "
+        "tokenprune.unpatch(model) first and patch again after loading"
+    )
 
 
 def unpatch(model: nn.Module) -> None:

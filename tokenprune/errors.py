@@ -49,3 +49,14 @@ class MissingDependencyError(TokenPruneError, ImportError, ValueError):
 
 class QuantizationError(TokenPruneError, ValueError):
     """``quantize_int8`` / ``int8=`` received an invalid argument, or the model cannot be quantised."""
+
+
+class UnsupportedPathError(TokenPruneError, ValueError):
+    """A ``generate()`` / forward option a patch cannot serve exactly (chunked prefill, a static
+    KV cache, images in a step that continues a cache); the message names the option and what to
+    use instead. Raised before the path computes anything wrong."""
+
+
+class PatchedModelError(TokenPruneError, TypeError):
+    """An operation on a patched model that the patch cannot follow (pickling / ``torch.save`` of
+    the module, a second patch nested inside or around an existing one); the message says what to do."""

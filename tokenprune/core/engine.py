@@ -6,7 +6,9 @@ from collections.abc import Callable
 
 from ..adapters.base import Anatomy
 from ..errors import NoMatchError, SiteError
+from .guards import guard_forward, guard_generate
 from .hooks import HookSet
+from .labels import install_labels
 from .llm_site import install_llm
 from .prellm_site import install_pre_llm
 from .stage import SITES, Stage
@@ -35,6 +37,9 @@ class Engine:
         if len(by_site["pre_llm"]) > 1:
             raise SiteError("method: at most one pre_llm stage")
         try:
+            if anatomy.is_vlm:
+                guard_forward(anatomy.vlm_core, self.hooks)  # first hook of every forward
+                guard_generate(anatomy.model, self.hooks)
             if by_site["vision"]:
                 if anatomy.vision.vision_site is not None:
                     raise SiteError(f"method: {anatomy.vision.vision_site}")
@@ -43,6 +48,8 @@ class Engine:
                 install_pre_llm(anatomy, (by_site["pre_llm"] or [None])[0], self.state, self.hooks)
             if by_site["llm"]:
                 install_llm(anatomy, by_site["llm"], self.state, self.hooks)
+            if anatomy.is_vlm:
+                install_labels(anatomy.model, self.state, self.hooks)
             if install is not None:
                 install(anatomy, self.hooks, self.state)
         except Exception:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -43,7 +44,8 @@ class HookSet:
 
     def __init__(self) -> None:
         self._handles: list[RemovableHandle] = []
-        self._undo: list[Callable[[], None]] = []
+        self._hooked: list[nn.Module] = []  # the module of each handle
+        self._attrs: list[tuple[object, str, bool, object]] = []  # (obj, name, had an instance value, that value)
 
     def pre(self, module: nn.Module, fn: Callable[[nn.Module, dict], dict | None]) -> None:
         """Forward pre-hook that receives all arguments as one kwargs dict and may return a new one."""
@@ -53,6 +55,7 @@ class HookSet:
             return None if new is None else unbind(mod, len(args), new)
 
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        self._hooked.append(module)
 
     def post(self, module: nn.Module, fn: Callable[[nn.Module, dict, Any], Any]) -> None:
         """Forward hook that receives the bound kwargs and the output."""
@@ -61,28 +64,45 @@ class HookSet:
             return fn(mod, bind(mod, args, kwargs), output)
 
         self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        self._hooked.append(module)
 
     def setattr(self, obj: object, name: str, value: object) -> None:
         """Set an instance attribute (shadowing the class's) until ``remove()``."""
-        had = name in obj.__dict__
-        old = obj.__dict__.get(name)
+        self._attrs.append((obj, name, name in obj.__dict__, obj.__dict__.get(name)))
         object.__setattr__(obj, name, value)
 
-        def undo() -> None:
-            if had:
-                object.__setattr__(obj, name, old)
-            else:
-                obj.__dict__.pop(name, None)
-
-        self._undo.append(undo)
-
     def __len__(self) -> int:
-        return len(self._handles) + len(self._undo)
+        return len(self._handles) + len(self._attrs)
+
+    def modules(self) -> list[object]:
+        """The objects these hooks and attributes sit on."""
+        return self._hooked + [obj for obj, *_ in self._attrs]
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        for undo in reversed(self._undo):
-            undo()
+        for obj, name, had, old in reversed(self._attrs):
+            _restore(obj, name, had, old)
         self._handles.clear()
-        self._undo.clear()
+        self._hooked.clear()
+        self._attrs.clear()
+
+    def strip_copy(self, memo: dict) -> None:
+        """In a ``copy.deepcopy`` made with ``memo``, take these hooks and attributes off the copies
+        of the modules they sit on (the copies' hook callables still point at the originals)."""
+        for h in self._handles:
+            for ref in (h.hooks_dict_ref, *getattr(h, "extra_dict_ref", ())):
+                hooks = memo.get(id(ref()))
+                if hooks is not None:
+                    hooks.pop(h.id, None)
+        for obj, name, had, old in reversed(self._attrs):
+            clone = memo.get(id(obj))
+            if clone is not None:
+                _restore(clone, name, had, copy.deepcopy(old, memo))
+
+
+def _restore(obj: object, name: str, had: bool, old: object) -> None:
+    if had:
+        object.__setattr__(obj, name, old)
+    else:
+        obj.__dict__.pop(name, None)

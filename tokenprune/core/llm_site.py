@@ -18,7 +18,7 @@ from .masks import columns_from_keep, compose, decode_mask, gather_cols, gather_
 from .scoring import query_logits, split_heads
 from .select import pad_rows
 from .stage import Context, Stage
-from .state import ForwardState, LLMStageState, cache_length, take_meta
+from .state import ForwardState, LLMStageState, cache_length, cache_of, take_meta
 from .trace import StageRecord
 
 
@@ -99,7 +99,7 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
                 saved = state.stash.pop(k - 1)
                 attn, hn, mask = lp.attention(lp.layers[k - 1]), saved["hidden_states"], saved.get("attention_mask")
                 pe = saved["position_embeddings"]
-                cache = saved.get("past_key_values")
+                cache = cache_of(saved)
                 keys, rotated = state.stash.pop((k - 1, "keys"), None), False
                 keys = None if keys is None else split_heads(keys, attn.head_dim)
                 if cache is not None and rope:
@@ -175,7 +175,7 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
                 return None
             hs = kw["hidden_states"]
             q = hs.shape[1]
-            cache = kw.get("past_key_values")
+            cache = cache_of(kw)
             past = cache_length(cache, j)
             if past == 0 and q > 1:  # prefill
                 active = state.active_llm_stage(j - 1)

@@ -18,15 +18,16 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from ..adapters.base import ImageLayout, Modality
-from ..errors import SiteError
+from ..errors import SiteError, UnsupportedPathError
 from .hooks import HookSet
 from .masks import columns_from_keep, gather_cols, gather_last
 from .scoring import cls_attention, mean_keys, received_attention
 from .select import pad_rows
 from .stage import Context, Stage
-from .state import ForwardState, LLMInput, PromptMap, cache_length, row_meta, take_meta
+from .state import ForwardState, LLMInput, PromptMap, cache_length, cache_of, row_meta, take_meta
 from .trace import StageRecord, Trace
 
 
@@ -46,10 +47,12 @@ class Item:
 def record_encoder_inputs(anatomy, state: ForwardState, hooks: HookSet) -> None:
     """Wrap each modality's encoder method on the core instance (removed with the patch) to record
     its arguments: ``generate()`` encodes images before prefill and then drops arguments the layouts
-    need (``image_sizes``, ``image_grid_thw``). Calls nested in another recorded call (Qwen3-VL's
-    video encoder calls the image one) are not recorded. What the call's captured encoder layers
-    saw is kept per modality with those arguments (``state.vision_captures``: images and videos go
-    through the tower in separate calls). Signatures are preserved (``generate()`` inspects them)."""
+    need (``image_sizes``, ``image_grid_thw``), and repeats the features for beams and
+    ``num_return_sequences`` (the encoded ones are kept: :func:`_encoded_source`). Calls nested in
+    another recorded call (Qwen3-VL's video encoder calls the image one) are not recorded. What the
+    call's captured encoder layers saw is kept per modality with those arguments
+    (``state.vision_captures``: images and videos go through the tower in separate calls).
+    Signatures are preserved (``generate()`` inspects them)."""
     core = anatomy.vlm_core
     busy: list[bool] = []
 
@@ -69,6 +72,9 @@ def record_encoder_inputs(anatomy, state: ForwardState, hooks: HookSet) -> None:
             finally:
                 busy.pop()
             state.vision_captures[mod.name] = {**state.vision_capture, "inputs": inputs}
+            pooled = getattr(out, "pooler_output", None)
+            if pooled is not None:
+                state.encoded[mod.name] = list(pooled)
             return out
 
         hooks.setattr(core, mod.encoder, encoder)
@@ -76,6 +82,62 @@ def record_encoder_inputs(anatomy, state: ForwardState, hooks: HookSet) -> None:
     for mod in anatomy.sequence.modalities:
         if getattr(core, mod.encoder, None) is not None:
             wrap(mod)
+
+
+def track_chat_turns(model, state: ForwardState, hooks: HookSet) -> None:
+    """Wrap ``model.generate`` on the instance (removed with the patch) to note a call that continues
+    a KV cache, with the whole conversation as ``input_ids``: generate() cuts it at the cache's
+    length, which for a cache this patch compacted leaves prompt tokens the cache already holds."""
+    original = getattr(model, "generate", None)
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        cache = cache_of(kwargs)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        am = kwargs.get("attention_mask")
+        whole = ids is not None and (am is None or am.shape[-1] == ids.shape[-1])
+        state.cut_at_compacted = cache if whole and cache is not None and cache_length(cache) > 0 else None
+        return original(*args, **kwargs)
+
+    hooks.setattr(model, "generate", generate)
+
+
+def _encoded_source(feats: list[torch.Tensor], encoded: list[torch.Tensor] | None) -> list[int]:
+    """For each item's features reaching the LLM, the index of the encoded item it is (``generate()``
+    repeats the encoded features per beam / returned sequence: the same tensors, or equal ones);
+    the identity when the features are the encoded ones."""
+    if not encoded or len(feats) == len(encoded):
+        return list(range(len(feats)))
+    source = []
+    for f in feats:
+        j = next((j for j, e in enumerate(encoded) if e is f), None)
+        if j is None:
+            j = next((j for j, e in enumerate(encoded) if e.shape == f.shape and torch.equal(e, f)), None)
+        if j is None:
+            raise UnsupportedPathError(
+                f"prefill_chunk_size: {len(feats)} feature blocks reach the LLM but {len(encoded)} inputs were "
+                "encoded, so they are not whole images (a chunked prefill?); tokenprune prunes whole images: "
+                "use prefill_chunk_size=None"
+            )
+        source.append(j)
+    return source
+
+
+def _regroup(encoded: list[torch.Tensor], placeholders: list[int], per_image: int) -> list[torch.Tensor]:
+    """The encoded features in ``generate()``'s repeated order (each prompt's images once per row
+    of its beam group) when a vision-site stage shortened them, which transformers' own regrouping
+    (it matches feature lengths to placeholder counts) cannot follow. ``placeholders``: per row."""
+    images = [n // per_image for n in placeholders]
+    k = sum(images) // max(len(encoded), 1)
+    if k <= 1:
+        return list(encoded)
+    out, i = [], 0
+    for g in range(0, len(images), k):
+        out.extend(encoded[i : i + images[g]] * k)
+        i += images[g]
+    return out
 
 
 def _assign(is_tok: torch.Tensor, lengths: list[int], what: str) -> list[list[int]]:
@@ -150,19 +212,20 @@ def _capture_tower(anatomy, stage: Stage | None, state: ForwardState, hooks: Hoo
     return captured
 
 
-def _batched_scorers(vp, state: ForwardState, rows: list[list[Item]], cand: torch.Tensor, geometry: dict) -> dict:
+def _batched_scorers(
+    vp, state: ForwardState, rows: list[list[Item]], source: list[int], cand: torch.Tensor, geometry: dict
+) -> dict:
     """Scores read from a batched tower's captured layers, mapped to the candidates: each
-    candidate's tower row is its image's base or tile crop, its token its patch (+ CLS)."""
-    images = sorted({it.index: it for row in rows for it in row if it.modality.name == "image"}.values(),
-                    key=lambda it: it.index)
+    candidate's tower row is its (encoded) image's base or tile crop, its token its patch (+ CLS)."""
+    tiles = {source[it.index]: int(it.layout.tile.max()) + 1 for row in rows for it in row}
     if any(it.modality.name != "image" for row in rows for it in row):
         raise SiteError("method: encoder scores are only read for images, not for other visual inputs")
-    first_row = torch.tensor([0] + [int(it.layout.tile.max()) + 1 for it in images]).cumsum(0)
+    first_row = torch.tensor([0] + [tiles[j] for j in range(len(tiles))]).cumsum(0)
     gimg = torch.full_like(cand, -1)
     for b, row in enumerate(rows):
         if row:
             local = geometry["image"][b].clamp(min=0)
-            gimg[b] = torch.tensor([it.index for it in row])[local]
+            gimg[b] = torch.tensor([source[it.index] for it in row])[local]
     patch = (cand >= 0) & (geometry["tile"] >= 0)
     tower_row = torch.where(patch, first_row[gimg.clamp(min=0)] + geometry["tile"], 0)
     token = torch.where(patch, int(vp.has_cls) + geometry["row"] * vp.grid[1] + geometry["col"], 0)
@@ -201,7 +264,7 @@ def _batched_scorers(vp, state: ForwardState, rows: list[list[Item]], cand: torc
     return {"cls_attention": cls_score, "received_attention": received, "keys": keys, "hidden": output}
 
 
-def _item_scorers(vp, captures: dict, rows: list[list[Item]], cand: torch.Tensor) -> dict:
+def _item_scorers(vp, captures: dict, rows: list[list[Item]], source: dict, cand: torch.Tensor) -> dict:
     """Scores of a packed tower: the adapter's ``vp.scorers(capture)`` gives, per score name, a
     function of the layer returning one tensor per item of that encoder call, token for token as
     the LLM sees them; here they are laid out on the candidates (0 at padding)."""
@@ -213,7 +276,8 @@ def _item_scorers(vp, captures: dict, rows: list[list[Item]], cand: torch.Tensor
             values = {m: s[name](layer % vp.num_layers, **kwargs) for m, s in by_mod.items()}
             out = []
             for b, row in enumerate(rows):
-                v = torch.cat([values[it.modality.name][it.index] for it in row]) if row else None
+                items = [values[it.modality.name][source[it.modality.name][it.index]] for it in row]
+                v = torch.cat(items) if row else None
                 c = cand[b].clamp(min=0).to(v.device) if v is not None else None
                 out.append(v[c].masked_fill((cand[b] < 0).to(v.device).view(-1, *[1] * (v.dim() - 1)), 0)
                            if v is not None else None)
@@ -249,28 +313,37 @@ class _Prefill:
             raise SiteError("input_ids: tokenprune needs input_ids (not inputs_embeds) to find the image tokens")
         am = kw.get("attention_mask")
         if am is not None and bool((am[:, -1] == 0).any()):
-            raise ValueError("attention_mask: tokenprune needs left padding (tokenizer.padding_side = 'left')")
+            raise UnsupportedPathError(
+                "attention_mask: a patched model needs left padding (tokenizer.padding_side = 'left'); "
+                f"rows {(am[:, -1] == 0).nonzero().flatten().tolist()} end in padding"
+            )
         original_pos = self.original_positions(kw)
         mm = _encode(seq, kw)
         inputs = {**{k: v for e in state.encoder_inputs.values() for k, v in e.items()},
                   **{k: v for k, v in kw.items() if v is not None}}
-        state.encoder_inputs = {}
+        encoded, state.encoder_inputs, state.encoded = state.encoded, {}, {}
         feats = {m: list(mm[m].pooler_output) for m in mm if mm[m] is not None}
         cls_off = seq.feature_cls(inputs)
-        images = feats.get("image", [])
-        self.reduced = bool(
-            state.vision_orig is not None and state.vision_records and state.vision_orig.shape[0] == len(images)
-        )
         n_patch = anatomy.vision.grid[0] * anatomy.vision.grid[1]
+        enc_images = encoded.get("image", feats.get("image", []))
+        self.reduced = bool(
+            state.vision_orig is not None and state.vision_records and state.vision_orig.shape[0] == len(enc_images)
+        )
+        if self.reduced and "image" in feats:
+            per_row = (ids == anatomy.image_token_id).sum(-1).tolist()
+            feats["image"] = _regroup(enc_images, per_row, n_patch + cls_off)
+        self.source = {m: _encoded_source(fs, encoded.get(m)) for m, fs in feats.items()}
         lengths = {m: [f.shape[0] for f in fs] for m, fs in feats.items()}
         if self.reduced:
-            lengths["image"] = [n_patch + cls_off] * len(images)
+            lengths["image"] = [n_patch + cls_off] * len(feats["image"])
         rows = _items(seq, ids, lengths)
         for mod in seq.modalities:
             if lengths.get(mod.name):
-                layouts = mod.layouts(lengths[mod.name], inputs)
+                src = self.source[mod.name]
+                first = {j: i for i, j in reversed(list(enumerate(src)))}  # an item of each encoded input
+                layouts = mod.layouts([lengths[mod.name][first[j]] for j in range(len(first))], inputs)
                 for it in (it for row in rows for it in row if it.modality is mod):
-                    it.layout = layouts[it.index]
+                    it.layout = layouts[src[it.index]]
         self.cls_off = cls_off
         kept, new_row_feats, trace = self.choose(ids, rows, feats)
         return self.compact(kw, ids, am, rows, mm, feats, kept, new_row_feats, trace, original_pos)
@@ -289,7 +362,7 @@ class _Prefill:
         if not (self.reduced and it.modality.name == "image"):
             return torch.arange(it.length)
         orig = self.state.vision_orig if orig is None else orig
-        return torch.cat([torch.arange(self.cls_off), orig[it.index].cpu() + self.cls_off])
+        return torch.cat([torch.arange(self.cls_off), orig[self.source["image"][it.index]].cpu() + self.cls_off])
 
     def per_row(self, rows: list[list[Item]], fn) -> torch.Tensor:
         out = []
@@ -334,8 +407,8 @@ class _Prefill:
     def scorers(self, rows: list[list[Item]], cand: torch.Tensor, geometry: dict) -> dict:
         vp = self.anatomy.vision
         if vp.tower == "batched":
-            return _batched_scorers(vp, self.state, rows, cand, geometry)
-        return _item_scorers(vp, self.state.vision_captures, rows, cand)
+            return _batched_scorers(vp, self.state, rows, self.source.get("image", []), cand, geometry)
+        return _item_scorers(vp, self.state.vision_captures, rows, self.source, cand)
 
     def is_visual(self, ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(ids, dtype=torch.bool)
@@ -382,7 +455,7 @@ class _Prefill:
         for name in seq.per_token:
             if kw.get(name) is not None:
                 kw[name] = gather_cols(kw[name], cols, fill=0)
-        if am is not None or fillers:
+        if am is not None or not identity:  # explicit: without a mask, gaps in position ids read as packed sequences
             base = am if am is not None else torch.ones_like(ids)
             kw["attention_mask"] = gather_cols(base, cols, fill=0)
         if not identity:
@@ -395,7 +468,12 @@ class _Prefill:
         else:
             new_pos = None
         kw["mm_encoder_outputs"] = self.split_features(rows, mm, kept, new_row_feats)
-        cache = kw.get("past_key_values")
+        cache = cache_of(kw)
+        use_cache = kw.get("use_cache") if kw.get("use_cache") is not None else self.anatomy.llm.config.use_cache
+        if cache is None and use_cache:
+            cache = DynamicCache(config=self.anatomy.llm.config)  # what the LLM would create; ours to remember
+            names = inspect.signature(self.anatomy.vlm_core.forward).parameters
+            kw["cache" if "cache" in names else "past_key_values"] = cache
         state.prompt = None if identity else PromptMap(cols, length, weakref.ref(cache) if cache is not None else None)
         real = (
             kw["attention_mask"].bool()
@@ -405,6 +483,7 @@ class _Prefill:
         state.llm_input = LLMInput(gather_cols(visual, cols, fill=-1), real, new_pos, self.meta)
         state.llm_stages = []
         state.trace = trace
+        state.remember(cache)
         return kw
 
 
@@ -414,7 +493,7 @@ def _decode(anatomy, state: ForwardState, kw: dict) -> dict | None:
     pm = state.prompt
     if pm is None:
         return None
-    cache = kw.get("past_key_values")
+    cache = cache_of(kw)
     past = cache_length(cache)
     new_len = pm.cols.shape[1]
     ids = kw.get("input_ids")
@@ -425,6 +504,18 @@ def _decode(anatomy, state: ForwardState, kw: dict) -> dict | None:
         return None
     full = pm.prompt_len + t + q
     am = kw.get("attention_mask")
+    dropped = pm.prompt_len - new_len
+    cut = state.cut_at_compacted is cache or (am is not None and am.shape[-1] == past + q != full)
+    state.cut_at_compacted = None
+    if cut and q > dropped:
+        # a new chat turn from this cache: generate() cut the whole conversation at the compacted
+        # cache length, so the first `dropped` columns are prompt tokens the cache already holds
+        full -= dropped
+        for name in ("input_ids", "inputs_embeds", "position_ids", *anatomy.sequence.per_token):
+            if kw.get(name) is not None:
+                kw[name] = kw[name][:, dropped:] if name == "inputs_embeds" else kw[name][..., dropped:]
+        ref = ref[:, dropped:]
+        q -= dropped
     if am is None and bool((pm.cols < 0).any()):
         am = torch.ones(pm.cols.shape[0], full, dtype=torch.long, device=ref.device)
     if am is not None:
@@ -446,16 +537,25 @@ def install_pre_llm(anatomy, stage: Stage | None, state: ForwardState, hooks: Ho
     """Hook ``anatomy.vlm_core`` so every prefill is traced and, with a stage, reduced."""
     seq = anatomy.sequence
     record_encoder_inputs(anatomy, state, hooks)
+    track_chat_turns(anatomy.model, state, hooks)
     captured = _capture_tower(anatomy, stage, state, hooks)
 
     def hook(mod, kw: dict):
         mm = kw.get("mm_encoder_outputs") or {}
         has_visual = any(mm.get(m.name) is not None or _present(kw, m) for m in seq.modalities)
-        if cache_length(kw.get("past_key_values")) == 0:
+        cache = cache_of(kw)
+        if cache_length(cache) == 0:
             if not has_visual:
-                state.prompt, state.llm_input, state.llm_stages = None, None, []
+                state.prompt, state.llm_input, state.llm_stages, state.trace = None, None, [], None
                 return None
             return _Prefill(anatomy, stage, captured, state)(kw)
+        if has_visual:
+            raise UnsupportedPathError(
+                "past_key_values: images in a step that continues a KV cache (a chunked prefill, or a new image in "
+                "a continued chat) are not pruned by tokenprune; prefill every image in one call: generate() from "
+                "the full conversation without past_key_values, and prefill_chunk_size=None"
+            )
+        state.resume(cache)
         return _decode(anatomy, state, kw)
 
     hooks.pre(anatomy.vlm_core, hook)

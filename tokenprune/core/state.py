@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -10,6 +11,14 @@ import torch
 from ..adapters.base import ImageLayout
 from .stage import META
 from .trace import StageRecord, Trace
+
+
+def cache_of(kw: dict):
+    """The KV cache a forward call received, whatever transformers named it: ``cache`` (5.24+; the
+    model, layer and attention forwards all take it) or ``past_key_values`` (up to 5.23, and the
+    deprecated alias after). Every hook reads the cache through this one accessor."""
+    cache = kw.get("cache")
+    return cache if cache is not None else kw.get("past_key_values")
 
 
 def cache_length(cache, layer: int = 0) -> int:
@@ -92,9 +101,14 @@ class PromptMap:
     cache: weakref.ref | None = None
 
 
+_SEQUENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> (state, its prefill's maps)
+
+
 @dataclass
-class ForwardState:
-    """All per-forward state of one patch; reset at the start of every prefill."""
+class ForwardState(threading.local):
+    """All per-forward state of one patch; reset at the start of every prefill. Per thread: a
+    ``threading.local`` whose fields start fresh in every thread, so concurrent ``generate()``
+    calls on one patched model never see each other's state (hooks run in the calling thread)."""
 
     trace: Trace | None = None
     records: list[StageRecord] = field(default_factory=list)
@@ -105,11 +119,28 @@ class ForwardState:
     vision_mask: torch.Tensor | None = None  # attention-mask override for later encoder layers
     vision_records: list[tuple[str, int, torch.Tensor]] = field(default_factory=list)
     encoder_inputs: dict = field(default_factory=dict)  # modality -> arguments generate() encoded it with
+    encoded: dict = field(default_factory=dict)  # modality -> features as encoded, before generate() repeats them
     prompt: PromptMap | None = None
     llm_input: LLMInput | None = None
     llm_stages: list[LLMStageState] = field(default_factory=list)
     stash: dict = field(default_factory=dict)
     early_exit: object | None = None  # the early-exit method's per-forward state
+    labels: torch.Tensor | None = None  # taken out of a model(..., labels=) call until its loss is computed
+    cut_at_compacted: object | None = None  # a cache whose next step generate() cut at its compacted length
+
+    def remember(self, cache) -> None:
+        """Tie this prefill's compaction to ``cache``: a later step continuing that cache (a decode
+        step, the next chat turn; in any thread, after any other request) resumes it."""
+        if cache is not None:
+            _SEQUENCES[cache] = (self, self.prompt, self.llm_input, self.llm_stages)
+
+    def resume(self, cache) -> None:
+        """Load the compaction tied to ``cache`` by this patch; none for a cache it did not prefill."""
+        entry = _SEQUENCES.get(cache) if cache is not None else None
+        if entry is None or entry[0] is not self:
+            self.prompt, self.llm_input, self.llm_stages = None, None, []
+        else:
+            _, self.prompt, self.llm_input, self.llm_stages = entry
 
     def active_llm_stage(self, layer: int) -> LLMStageState | None:
         active = None

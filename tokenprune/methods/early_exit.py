@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ from ..adapters.base import Anatomy
 from ..core.hooks import HookSet, bind
 from ..core.scoring import apply_rope
 from ..core.stage import Stage
-from ..core.state import ForwardState, cache_length
+from ..core.state import ForwardState, cache_length, cache_of
 from ..core.trace import ExitRecord, Trace
 from ..errors import MethodArgumentError
 from .base import Method, register
@@ -109,8 +110,9 @@ class _EncoderPass:
 
 
 @dataclass
-class _Runtime:
-    """Per-forward state of the early-exit hooks (``ForwardState.early_exit``)."""
+class _Runtime(threading.local):
+    """Per-forward state of the early-exit hooks (``ForwardState.early_exit``); per thread, like
+    :class:`~tokenprune.core.state.ForwardState`."""
 
     step: _DecodeStep | None = None
     encoder: _EncoderPass | None = None
@@ -208,7 +210,7 @@ class EarlyExit(Method):
         vision_layers = anatomy.vision.num_layers
 
         def start(mod, kw):
-            if cache_length(kw.get("past_key_values"), 0) == 0:  # prefill (the pre-LLM hook made a new trace)
+            if cache_length(cache_of(kw), 0) == 0:  # prefill (the pre-LLM hook made a new trace)
                 rec = _record(state)
                 if rec is not None:
                     rec.num_layers = n
@@ -224,7 +226,7 @@ class EarlyExit(Method):
 
         def fill_kv(layer: nn.Module, hs: torch.Tensor, kw: dict) -> None:
             """Append layer ``layer``'s keys/values of ``hs`` (the exit state passing through)."""
-            cache = kw.get("past_key_values")
+            cache = cache_of(kw)
             if cache is None:
                 return
             attn = lp.attention(layer)
@@ -242,7 +244,7 @@ class EarlyExit(Method):
             def run(original, args, kwargs):
                 kw = bind(layer, args, kwargs)
                 hs = kw["hidden_states"]
-                if hs.shape[1] != 1 or cache_length(kw.get("past_key_values"), j) == 0:
+                if hs.shape[1] != 1 or cache_length(cache_of(kw), j) == 0:
                     return original(*args, **kwargs)  # prefill / multi-token steps: full depth
                 if j == first or rt.step is None:
                     b = hs.shape[0]
