@@ -418,7 +418,7 @@ class _Prefill:
 
     def split_features(self, rows, mm, kept, new_row_feats) -> dict:
         """The encoder outputs with each item's kept features (and its aligned extras)."""
-        per_mod: dict[str, list] = {m: [None] * len(o.pooler_output) for m, o in mm.items() if o is not None}
+        per_mod: dict[str, list] = {m: [None] * len(self.source[m]) for m, o in mm.items() if o is not None}
         aligned: dict[str, dict[str, list]] = {}
         for b, row in enumerate(rows):
             k = kept[b][kept[b] >= 0]
