@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from tokenprune.core.state import cache_of
+
 from .models import model_inputs
 
 
@@ -109,7 +111,7 @@ def measure(model: Any, processor: Any, docs: list[dict[str, Any]], new_tokens: 
                     t, out = _timed(lambda x=inputs: model(**x, use_cache=True, logits_to_keep=1), device)
                     pre.append(t)
                     vis.append(timer.elapsed)
-                    kv_b = cache_bytes(out.past_key_values)
+                    kv_b = cache_bytes(cache_of(out))  # `cache` from transformers 5.24
                     del out
                     if cuda:
                         torch.cuda.reset_peak_memory_stats()

@@ -12,6 +12,7 @@ import torch
 from test_core_cache import Fixed
 
 import tokenprune
+from tokenprune.core.state import cache_of
 
 PROMPTS = [
     "USER: <image>\nwhat is shown in the picture? ASSISTANT:",
@@ -128,10 +129,6 @@ def test_beams_and_return_sequences(llava, llava_next, kind, method):
     torch.testing.assert_close(out.logits[0], logits[:, 0].repeat_interleave(2, 0))
 
 
-def _cache(out):
-    return getattr(out, "cache", None) or out.past_key_values  # transformers >= 5.24 names it `cache`
-
-
 @pytest.mark.parametrize("site", ["pre_llm", "llm"])
 def test_chat_turn_from_cache_equals_fresh_full_prompt(llava, site):
     """Turn 2 continues turn 1's KV cache (another request runs in between): its answer equals a
@@ -148,7 +145,7 @@ def test_chat_turn_from_cache_equals_fresh_full_prompt(llava, site):
         ids = torch.cat([out1.sequences, more], 1)
         am = torch.ones_like(ids)
         gen.update(return_dict_in_generate=True, output_logits=True)
-        turn2 = model.generate(input_ids=ids, attention_mask=am, past_key_values=_cache(out1), **gen)
+        turn2 = model.generate(input_ids=ids, attention_mask=am, past_key_values=cache_of(out1), **gen)
         fresh = model.generate(input_ids=ids, attention_mask=am, pixel_values=turn1["pixel_values"], **gen)
     assert torch.equal(turn2.sequences, fresh.sequences)
     torch.testing.assert_close(torch.stack(turn2.logits), torch.stack(fresh.logits))
