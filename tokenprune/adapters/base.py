@@ -109,7 +109,8 @@ class VisionParts:
 
 @dataclass
 class LLMParts:
-    """A decoder-only language model: layers, attention, the pre-attention norm, rotary module.
+    """A decoder-only language model: layers, attention, the pre-attention norm, rotary module and
+    the final norm (applied after the last layer; None if the model has none).
 
     ``injections`` are methods the model calls between layers to add per-visual-token features
     (Qwen3-VL's ``_deepstack_process(hidden_states, visual_pos_masks, embeds)``); the engine slices
@@ -122,6 +123,7 @@ class LLMParts:
     config: object
     head_norms: Callable[[nn.Module], tuple] = field(default=lambda attn: (None, None))  # per-head q / k norms
     injections: tuple[tuple[nn.Module, str], ...] = ()  # (owner, method) adding features at visual positions
+    norm: nn.Module | None = None
 
     @property
     def num_layers(self) -> int:

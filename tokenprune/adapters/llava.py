@@ -21,6 +21,7 @@ def llm_parts(language_model: nn.Module) -> LLMParts:
         input_norm=lambda layer: layer.input_layernorm,
         rotary=language_model.rotary_emb,
         config=language_model.config,
+        norm=getattr(language_model, "norm", None),
     )
 
 

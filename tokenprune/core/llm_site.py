@@ -15,7 +15,7 @@ import torch
 from ..errors import SiteError
 from .hooks import HookSet
 from .masks import columns_from_keep, compose, decode_mask, gather_cols, gather_last, prefill_mask
-from .scoring import query_logits, split_heads
+from .scoring import apply_rope, query_logits, split_heads
 from .select import pad_rows
 from .stage import Context, Stage
 from .state import ForwardState, LLMStageState, cache_length, cache_of, take_meta
@@ -96,11 +96,11 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
             # computes anyway: layer K-1's cache or its captured k_proj output ("previous"); layer
             # K's keys are projected once and handed to layer K's own attention ("current").
             if source == "previous":
-                saved = state.stash.pop(k - 1)
+                saved = state.stash[k - 1]
                 attn, hn, mask = lp.attention(lp.layers[k - 1]), saved["hidden_states"], saved.get("attention_mask")
                 pe = saved["position_embeddings"]
                 cache = cache_of(saved)
-                keys, rotated = state.stash.pop((k - 1, "keys"), None), False
+                keys, rotated = state.stash.get((k - 1, "keys")), False
                 keys = None if keys is None else split_heads(keys, attn.head_dim)
                 if cache is not None and rope:
                     cached = cache.layers[k - 1].keys
@@ -128,9 +128,35 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
                 raise ValueError(f"normalize: expected 'all' or 'visual', got {normalize!r}")
             return probs.mean(1)
 
-        ctx = Context(
-            "llm", k, orig, take_meta(inp.meta, orig), gather_cols(hs, cand_cols), {"last_token_attention": attention}
-        )
+        def keys() -> torch.Tensor:  # layer K-1's keys after RoPE, (B, L, H_kv * d)
+            saved = state.stash[k - 1]
+            attn, hn = lp.attention(lp.layers[k - 1]), saved["hidden_states"]
+            cache = cache_of(saved)
+            cached = cache.layers[k - 1].keys if cache is not None else None
+            if cached is None or cached.shape[-2] != hn.shape[1]:
+                projected = state.stash.get((k - 1, "keys"))
+                heads = split_heads(attn.k_proj(hn) if projected is None else projected, attn.head_dim)
+                k_norm = lp.head_norms(attn)[1]
+                heads = heads if k_norm is None else k_norm(heads)
+                cached = apply_rope(heads, *saved["position_embeddings"])
+            return cached.transpose(1, 2).flatten(2)
+
+        def hidden(norm: str | None = None) -> torch.Tensor:  # layer K-1's output (B, L, D)
+            if norm is None:
+                return hs
+            if norm != "final" or lp.norm is None:
+                raise SiteError(f"norm: expected None or 'final' (a model with a final norm); got {norm!r}")
+            return lp.norm(hs)
+
+        scorers = {
+            "last_token_attention": attention,
+            "keys": keys,
+            "hidden": hidden,
+            "columns": lambda: cand_cols,
+            "visual": lambda: visual,
+            "sequence": lambda: torch.where(real, real.long().cumsum(-1) - 1, -1),
+        }
+        ctx = Context("llm", k, orig, take_meta(inp.meta, orig), gather_cols(hs, cand_cols), scorers)
         sel = stage.select(ctx).to(hs.device)
         state.stash.pop(k - 1, None)
         state.stash.pop((k - 1, "keys"), None)
@@ -165,7 +191,7 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
         st.kwargs["attention_mask"] = prefill_mask(kw.get("attention_mask"), new_cols)
         state.llm_stages.append(st)
         kept = pad_rows([row[row >= 0] for row in new_visual], hs.device)
-        state.trace.stages.append(StageRecord(stage.name, "llm", k, kept.cpu()))
+        state.trace.stages.append(StageRecord(stage.name, "llm", k, kept.cpu(), dict(stage.info)))
         kw["hidden_states"] = hidden
         return kw
 

@@ -264,6 +264,24 @@ def _batched_scorers(
     return {"cls_attention": cls_score, "received_attention": received, "keys": keys, "hidden": output}
 
 
+def _text_scorers(core, ids: torch.Tensor, am: torch.Tensor | None, is_vis: torch.Tensor) -> dict:
+    """The instruction of each sample (its real text tokens after its last visual token, (B, T) ids,
+    -1 padded) and the LLM's input embeddings of token ids."""
+    cols = torch.arange(ids.shape[1], device=ids.device)
+    last = torch.where(is_vis, cols, -1).amax(-1, keepdim=True)
+    after = (cols > last) & (am.bool() if am is not None else True)
+    rows = [ids[b][after[b]] for b in range(ids.shape[0])]
+    width = max((int(r.numel()) for r in rows), default=0)
+    instruction = torch.full((ids.shape[0], width), -1, dtype=torch.long, device=ids.device)
+    for b, r in enumerate(rows):
+        instruction[b, : r.numel()] = r
+
+    def embed(token_ids: torch.Tensor) -> torch.Tensor:
+        return core.get_input_embeddings()(token_ids.clamp(min=0))
+
+    return {"instruction": lambda: instruction, "embed": embed}
+
+
 def _item_scorers(vp, captures: dict, rows: list[list[Item]], source: dict, cand: torch.Tensor) -> dict:
     """Scores of a packed tower: the adapter's ``vp.scorers(capture)`` gives, per score name, a
     function of the layer returning one tensor per item of that encoder call, token for token as
@@ -344,7 +362,7 @@ class _Prefill:
                 layouts = mod.layouts([lengths[mod.name][first[j]] for j in range(len(first))], inputs)
                 for it in (it for row in rows for it in row if it.modality is mod):
                     it.layout = layouts[src[it.index]]
-        self.cls_off = cls_off
+        self.cls_off, self.am = cls_off, am
         kept, new_row_feats, trace = self.choose(ids, rows, feats)
         return self.compact(kw, ids, am, rows, mm, feats, kept, new_row_feats, trace, original_pos)
 
@@ -395,13 +413,15 @@ class _Prefill:
         if stage is None:
             return cand, row_feats, trace
         geometry = take_meta(self.meta, cand)
-        scorers = self.scorers(rows, cand, geometry) if self.captured else {}
+        scorers = _text_scorers(self.anatomy.vlm_core, ids, self.am, is_vis)
+        if self.captured:
+            scorers.update(self.scorers(rows, cand, geometry))
         projector = getattr(self.anatomy.vlm_core, "multi_modal_projector", None)
         ctx = Context("pre_llm", -1, cand, geometry, row_feats, scorers, project=projector)
         sel = stage.select(ctx)
         sel, new_row_feats = sel if isinstance(sel, tuple) else (sel, gather_cols(row_feats, sel.to(ids.device)))
         kept = torch.where(sel >= 0, torch.gather(cand, 1, sel.clamp(min=0).cpu()), -1)
-        trace.stages.append(StageRecord(stage.name, "pre_llm", -1, kept))
+        trace.stages.append(StageRecord(stage.name, "pre_llm", -1, kept, dict(stage.info)))
         return kept, new_row_feats, trace
 
     def scorers(self, rows: list[list[Item]], cand: torch.Tensor, geometry: dict) -> dict:

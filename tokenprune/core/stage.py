@@ -42,6 +42,7 @@ class Stage:
     positions: str = "keep"
     capture: tuple[int, ...] = ()
     placement: str = "input"
+    info: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -80,6 +81,16 @@ class Context:
     ``project`` (pre-LLM site) maps encoder features (e.g. ``ctx.get("hidden", layer=...)``, the
     output of a captured encoder layer, or sums of them) into the LLM's feature space with the
     model's own projector, for methods that merge before projection (VisionZip).
+
+    ``scorers`` by site (``get(name, ...)``): in the encoder ``cls_attention``, ``keys``; before
+    the LLM ``cls_attention``, ``keys``, ``hidden`` (captured encoder layers), ``instruction``
+    (B, T) the token ids of each sample's text after its last image (-1 padded) and ``embed``
+    (ids -> the LLM's input embeddings); in the LLM ``last_token_attention`` and, over every
+    column of the sequence entering layer K, ``columns`` (B, N) the candidates' columns,
+    ``sequence`` (B, L) each column's index among the sample's real tokens (-1 at padding),
+    ``visual`` (B, L) original visual index or -1, ``keys`` (B, L, H_kv * d) layer K-1's keys
+    after RoPE, heads concatenated, and ``hidden`` (B, L, D) layer K-1's output (``norm="final"``:
+    after the model's final norm).
     """
 
     site: str

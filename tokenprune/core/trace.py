@@ -10,12 +10,14 @@ import torch
 @dataclass
 class StageRecord:
     """One stage of a prefill. ``kept`` (B, n) holds the ORIGINAL visual-token indices kept after
-    the stage, ascending, rows padded with -1 where samples keep different counts."""
+    the stage, ascending, rows padded with -1 where samples keep different counts. ``info`` is the
+    stage's static metadata (e.g. which variant of the method ran)."""
 
     name: str
     site: str
     layer: int
     kept: torch.Tensor
+    info: dict = field(default_factory=dict)
 
     @property
     def counts(self) -> torch.Tensor:

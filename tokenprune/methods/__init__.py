@@ -4,10 +4,12 @@ from . import baselines, fastv, feather, pyramiddrop  # noqa: F401  (registratio
 from .base import REGISTRY, Method, build, register
 from .baselines import Random, Uniform
 from .cluster import Cluster as Cluster  # registration
+from .divprune import DivPrune as DivPrune  # registration
 from .early_exit import EarlyExit as EarlyExit  # registration
 from .fastv import FastV
 from .feather import Feather
 from .hired import HiRED as HiRED  # registration
+from .pool import Pool as Pool  # registration
 from .pyramiddrop import PyramidDrop
 from .tome import ToMe as ToMe  # registration
 from .visionzip import VisionZip as VisionZip  # registration
