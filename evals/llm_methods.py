@@ -1,6 +1,9 @@
 """LLM-stage methods on the bundled shapes fixture (issue #4): accuracy per question kind for the
 unpruned model, random, uniform, FastV, PyramidDrop and FEATHER at several budgets, plus FEATHER's
-finding: the share of kept visual tokens in the top half of the image.
+finding: the share of kept visual tokens in the top half of the image. Issue #21 adds DivPrune, Pool,
+DART, VisPruner and CDPruner (its LLM-embedding relevance: the fixtures have no CLIP text tower) and
+the prefill MACs per sample of every row (``tokenprune.flops.estimate``: the model's own compute with
+the trace's visual tokens per layer; the methods' selection overhead is not included).
 
 Every method runs with its defaults (nothing is tuned here): random and uniform before the LLM,
 FastV K = 2, PyramidDrop with renumbered positions (its official convention) and, as a second row,
@@ -15,6 +18,8 @@ in the top half of the image (``y < 0.5`` in the adapter's layout; newline token
 over examples; 0.5 for the unpruned model. Reported for each method's first and last stage.
 
     python evals/llm_methods.py --kind llava --n 500 --out results/llm_methods
+    python evals/llm_methods.py --kind llava --n 500 --only divprune,pool,dart,vispruner,cdpruner --no-paper \
+        --out results/llm_methods_llava_2025          # some rows only (plus unpruned)
     python evals/llm_methods.py --untrained --n 20 --out /tmp/llm_methods_smoke   # plumbing check only
 
 writes ``<out>.json`` and ``<out>.md``. Exits with status 2 and a message when the fixture checkpoint
@@ -41,6 +46,7 @@ from tokenprune.adapters import anatomy_of  # noqa: E402
 from tokenprune.demo import load, prompt, score, shapes  # noqa: E402
 from tokenprune.demo.generator import KINDS  # noqa: E402
 from tokenprune.errors import BudgetError  # noqa: E402
+from tokenprune.flops import estimate  # noqa: E402
 
 # (row label, method, parameters); budgets are added per run
 CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -51,6 +57,11 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("pdrop (keep positions)", "pdrop", {"positions": "keep"}),
     ("feather", "feather", {}),
     ("feather (renumber positions)", "feather", {"positions": "renumber"}),
+    ("divprune", "divprune", {}),
+    ("pool", "pool", {}),
+    ("dart", "dart", {}),
+    ("vispruner", "vispruner", {}),
+    ("cdpruner", "cdpruner", {}),
 ]
 # the papers' own settings (explicit parameters, depth-scaled layers; budget unused, realised reported)
 PAPER: list[tuple[str, str, dict[str, Any]]] = [
@@ -105,7 +116,7 @@ def run(model: Any, proc: Any, examples: list[dict], bs: int, label: str, method
     tok = proc.tokenizer
     image_id = model.config.image_token_id
     per_kind: dict[str, list[float]] = defaultdict(list)
-    realized, top_first, top_last, layers, samples = [], [], [], None, []
+    realized, top_first, top_last, layers, samples, macs, info = [], [], [], None, [], [], {}
     handle = None
     if method is not None:
         try:
@@ -125,9 +136,11 @@ def run(model: Any, proc: Any, examples: list[dict], bs: int, label: str, method
             if len(samples) < 5:
                 samples.extend({"q": ex["question"], "answer": ex["answer"], "pred": p.strip()}
                                for ex, p in zip(chunk[:5], preds[:5], strict=True))
+            macs += [f.prefill_total for f in estimate(model, inputs, handle.trace if handle else None)]
             if handle is None:
                 continue
             trace = handle.trace
+            info = {st.name: st.info for st in trace.stages if st.info}
             realized.append((trace.realized_budget, len(chunk)))
             stages = trace.stages
             layers = [(st.name, st.site, st.layer) for st in stages]
@@ -143,7 +156,10 @@ def run(model: Any, proc: Any, examples: list[dict], bs: int, label: str, method
     acc = {k: round(100 * float(np.mean(per_kind[k])), 1) for k in KINDS if per_kind[k]}
     acc["mean"] = round(float(np.mean(list(acc.values()))), 1)
     res: dict[str, Any] = {"label": label, "method": method, "params": params, "budget": budget, "accuracy": acc,
-                           "wall_s": round(time.time() - t0, 1), "samples": samples[:5]}
+                           "wall_s": round(time.time() - t0, 1), "samples": samples[:5],
+                           "prefill_GMACs": round(float(np.mean(macs)) / 1e9, 4)}
+    if info:
+        res["info"] = info
     if handle is not None:
         res["realized_budget"] = round(sum(r * n for r, n in realized) / sum(n for _, n in realized), 4)
         res["stages"] = layers
@@ -153,7 +169,8 @@ def run(model: Any, proc: Any, examples: list[dict], bs: int, label: str, method
 
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    head = ["method", "budget", "realised", *KINDS, "mean", "top-half kept (first / last stage)", "stages"]
+    head = ["method", "budget", "realised", *KINDS, "mean", "prefill GMACs", "top-half kept (first / last stage)",
+            "stages"]
     lines = [f"# LLM-stage methods on the shapes fixture ({meta['kind']}, {meta['n']} test examples)", "",
              f"checkpoint: `{meta['checkpoint']}`; visual tokens per image: {meta['n_visual']}; "
              f"LLM layers: {meta['llm_layers']}; accuracy in % (box: IoU >= 0.5).", "",
@@ -162,7 +179,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         budget = "-" if r["budget"] is None else f"{r['budget']:g}"
         if "unreachable" in r:
             lines.append(f"| {r['label']} | {budget} | unreachable | " + " | ".join("" for _ in KINDS)
-                         + f" | | | {r['unreachable']} |")
+                         + f" | | | | {r['unreachable']} |")
             continue
         acc = r["accuracy"]
         stages = ", ".join(f"{name}@{layer}" for name, _, layer in r.get("stages") or [])
@@ -171,7 +188,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         realized = f"{r['realized_budget']:.3f}" if "realized_budget" in r else "1"
         lines.append(f"| {r['label']} | {budget} | {realized} | " + " | ".join(f"{acc.get(k, float('nan')):.1f}"
                                                                           for k in KINDS)
-                     + f" | {acc['mean']:.1f} | {top} | {stages} |")
+                     + f" | {acc['mean']:.1f} | {r.get('prefill_GMACs', '')} | {top} | {stages} |")
     return "\n".join(lines) + "\n"
 
 
@@ -185,6 +202,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ckpt", default="", help="checkpoint folder (default: the bundled fixture)")
     ap.add_argument("--untrained", action="store_true", help="random weights, same architecture (plumbing check)")
+    ap.add_argument("--only", default="", help="comma-separated row labels to run (default: all; unpruned always)")
+    ap.add_argument("--no-paper", action="store_true", help="skip the paper-setting rows")
     ap.add_argument("--out", default="results/llm_methods")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -202,18 +221,24 @@ def main() -> None:
     model.set_attn_implementation("sdpa")
     examples = shapes("test", args.n, seed=args.seed)
     budgets = [float(b) for b in args.budgets.split(",") if b]
+    only = set(filter(None, args.only.split(",")))
+    unknown = only - {label for label, _, _ in CONFIGS}
+    if unknown:
+        sys.exit(f"--only: unknown labels {sorted(unknown)}")
     geometry = Geometry(model)
     probe = proc(images=[examples[0]["image"]], text=[prompt(examples[0]["question"])], return_tensors="pt")
-    meta = {"kind": args.kind, "n": args.n, "seed": args.seed, "checkpoint": ckpt,
+    meta = {"kind": args.kind, "n": args.n, "seed": args.seed, "checkpoint": ckpt, "only": sorted(only),
             "n_visual": int((probe["input_ids"] == model.config.image_token_id).sum()),
             "llm_layers": model.config.text_config.num_hidden_layers, "threads": args.threads}
     rows = [run(model, proc, examples, args.bs, "unpruned", None, {}, None, geometry)]
     print(json.dumps(rows[-1]["accuracy"]), flush=True)
-    for label, method, params in PAPER:
+    for label, method, params in [] if args.no_paper else PAPER:
         rows.append(run(model, proc, examples, args.bs, label, method, params, None, geometry))
         print(f"{label:30s}", rows[-1]["accuracy"], rows[-1]["realized_budget"], flush=True)
     for budget in budgets:
         for label, method, params in CONFIGS:
+            if only and label not in only:
+                continue
             rows.append(run(model, proc, examples, args.bs, label, method, params, budget, geometry))
             r = rows[-1]
             print(f"{label:30s} b={budget:<5g}", r.get("unreachable") or
