@@ -6,9 +6,11 @@ Both scripts give ``budget`` the same meaning for a pre-LLM method (share of vis
 LLM), and ``llm_methods`` also uses it for LLM-stage methods (mean over decoder layers of the visual tokens
 entering a layer), so a column compares methods at equal visual-token compute in the LLM.
 
-``python evals/methods_table.py --llm evals/results/llm_methods_llava.json
+``python evals/methods_table.py --llm evals/results/llm_methods_llava.json evals/results/llm_methods_llava_2025.json
 --vision evals/results/vision_methods_llava.json --kind llava --out evals/results/methods_llava``
-writes ``<out>.md`` (and prints it).
+writes ``<out>.md`` (and prints it). Several ``--llm`` / ``--vision`` files are merged (the unpruned row
+comes from the first ``--llm`` file); each file's ``n`` is listed. Rows that carry prefill MACs per
+sample (``tokenprune.flops.estimate``) also fill a GMACs table.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def rows_from_llm(data: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
     for r in data["rows"]:
         if "paper" in r["label"]:
             continue
-        rows.append({"label": r["label"], "budget": r["budget"], "acc": r.get("accuracy") or None})
+        rows.append({"label": r["label"], "budget": r["budget"], "acc": r.get("accuracy") or None,
+                     "gmacs": r.get("prefill_GMACs")})
     return rows, int(data["meta"]["n"])
 
 
@@ -38,21 +41,25 @@ def rows_from_vision(data: dict[str, Any], kind: str) -> tuple[list[dict[str, An
             continue
         label = r["method"] + (" (tower)" if r["method"] == "tome" else "")
         acc = None if "error" in r else {k: r[k] for k in (*KINDS, "mean")}
-        rows.append({"label": label, "budget": r["budget"], "acc": acc,
+        rows.append({"label": label, "budget": r["budget"], "acc": acc, "gmacs": r.get("prefill_GMACs"),
                      "note": f"rounds={r['rounds']}" if (r.get("rounds") or 1) > 1 else ""})
     return rows, int(data["n"])
 
 
-def markdown(llm: list[dict[str, Any]], n_llm: int, vis: list[dict[str, Any]], n_vis: int, kind: str) -> str:
+def markdown(llm: list[dict[str, Any]], n_llm: str, vis: list[dict[str, Any]], n_vis: str, kind: str) -> str:
     budgets = sorted({r["budget"] for r in llm + vis if r["budget"] is not None}, reverse=True)
     labels = list(dict.fromkeys(r["label"] for r in llm + vis if r["budget"] is not None))
     cell = {(r["label"], r["budget"]): r for r in llm + vis}
-    unpruned = next(r for r in llm if r["budget"] is None)["acc"]
+    base = next(r for r in llm if r["budget"] is None)
+    unpruned = base["acc"]
+    base_gmacs = next((r["gmacs"] for r in llm if r["budget"] is None and r.get("gmacs")), "?")
     lines = [f"# Token methods on the {kind} fixture: mean accuracy % by budget",
              "",
-             f"LLM-stage rows and random / uniform: `evals/llm_methods.py`, n = {n_llm}; vision-stage rows (hired, "
-             f"visionzip, tome in the tower): `evals/vision_methods.py`, n = {n_vis}. Unpruned: {unpruned['mean']} "
-             f"(n = {n_llm}). \"—\": budget unreachable for that method on this model (the library's typed error).",
+             f"Rows from `evals/llm_methods.py` (n = {n_llm}: random / uniform, the LLM-stage methods and the "
+             f"issue-#21 methods) and `evals/vision_methods.py` (n = {n_vis}: hired, visionzip, tome in the "
+             f"tower). Unpruned: {unpruned['mean']} (first llm_methods file). \"—\": budget unreachable for that "
+             "method on this model "
+             "(the library's typed error).",
              "",
              "| budget | " + " | ".join(labels) + " |",
              "|---|" + "---|" * len(labels)]
@@ -77,21 +84,36 @@ def markdown(llm: list[dict[str, Any]], n_llm: int, vis: list[dict[str, Any]], n
             r = cell.get((label, b))
             out.append("—" if r is None or r["acc"] is None else " / ".join(str(r["acc"][k]) for k in KINDS))
         lines.append(f"| {label} | " + " | ".join(out) + " |")
+    gm = [label for label in labels if any(cell.get((label, b), {}).get("gmacs") for b in budgets)]
+    if gm:
+        lines += ["", "Prefill GMACs per sample (model compute with the kept tokens, `tokenprune.flops.estimate`; "
+                  f"selection overhead not included; unpruned {base_gmacs}):", "",
+                  "| budget | " + " | ".join(gm) + " |", "|---|" + "---|" * len(gm)]
+        for b in budgets:
+            lines.append(f"| {b} | " + " | ".join(str(cell.get((label, b), {}).get("gmacs") or "—") for label in gm)
+                         + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--llm", required=True, help="llm_methods JSON")
-    ap.add_argument("--vision", required=True, help="vision_methods JSON")
+    ap.add_argument("--llm", required=True, nargs="+", help="llm_methods JSON files (the first has the unpruned row)")
+    ap.add_argument("--vision", required=True, nargs="+", help="vision_methods JSON files")
     ap.add_argument("--kind", default="llava", choices=["llava", "llava_next"])
     ap.add_argument("--out", default="results/methods_llava")
     args = ap.parse_args()
-    with open(args.llm) as f:
-        llm, n_llm = rows_from_llm(json.load(f))
-    with open(args.vision) as f:
-        vis, n_vis = rows_from_vision(json.load(f), args.kind)
-    text = markdown(llm, n_llm, vis, n_vis, args.kind)
+    llm, vis, n_llm, n_vis = [], [], [], []
+    for path in args.llm:
+        with open(path) as f:
+            rows, n = rows_from_llm(json.load(f))
+        llm += rows
+        n_llm.append(str(n))
+    for path in args.vision:
+        with open(path) as f:
+            rows, n = rows_from_vision(json.load(f), args.kind)
+        vis += rows
+        n_vis.append(str(n))
+    text = markdown(llm, " / ".join(n_llm), vis, " / ".join(n_vis), args.kind)
     with open(args.out + ".md", "w") as f:
         f.write(text)
     print(text)
