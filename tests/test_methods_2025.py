@@ -43,7 +43,7 @@ def _images(model, inputs):
         feats = core.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-2,
                                         vision_feature_select_strategy="default", return_dict=True,
                                         **extra).pooler_output
-    layouts = anatomy_of(model).layouts([f.shape[0] for f in feats], inputs.get("image_sizes"))
+    layouts = anatomy_of(model).layouts([f.shape[0] for f in feats], {"image_sizes": inputs.get("image_sizes")})
     counts = (inputs["input_ids"] == model.config.image_token_id).sum(-1).tolist()
     out, i = [], 0
     for c in counts:
