@@ -517,3 +517,22 @@ def test_pre_llm_budgets_are_realised(budget):
     for method in PRE_LLM:
         handle = _run(model, inputs, method, budget=budget)
         assert abs(handle.trace.realized_budget - budget) <= 0.02 * budget + 0.5 / 64, (method, budget)
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl", "qwen3_vl"])
+def test_other_families_run_below_full_budget(family):
+    """On LLaVA-OneVision and Qwen-VL (merged 2x2 units) the methods run below budget 1.0 and keep the
+    counts they promise (VisPruner is refused there: no CLS token); kept sets are checked on LLaVA above."""
+    from tokenprune.errors import SiteError
+
+    model = getattr(tiny, family)()
+    a, b = tiny.QWEN_PROMPTS[0].split("{}"), tiny.QWEN_PROMPTS[1].split("{}")
+    samples = [[a[0], ("image", (40, 70)), a[1]], [b[0], ("image", (64, 32)), b[1]]]
+    inputs = tiny.onevision_inputs(model, samples) if family == "llava_onevision" else tiny.qwen_batch()
+    for method in ("divprune", "pool", "cdpruner"):
+        handle = _run(model, inputs, method, budget=0.5)
+        assert handle.trace.stages[-1].counts.tolist() == [round(0.5 * int(n)) for n in handle.trace.unpruned]
+    handle = _run(model, inputs, "dart", budget=0.5)
+    assert abs(handle.trace.realized_budget - 0.5) <= 0.02 * 0.5 + 1 / float(handle.trace.unpruned.min())
+    with pytest.raises(SiteError, match="CLS"):
+        tokenprune.patch(model, "vispruner", budget=0.5)

@@ -86,6 +86,10 @@ class DART(Method):
     pivot_text: int = 4
     max_num_trunction: int | None = None
 
+    @property
+    def uses_budget(self) -> bool:
+        return self.max_num_trunction is None
+
     def stages(self, anatomy: Anatomy, budget: float | None) -> list[Stage]:
         if self.pivot_image < 1 or self.pivot_text < 0:
             raise MethodArgumentError(f"pivot_image/pivot_text: need >= 1 and >= 0; got {self.pivot_image}, "

@@ -75,6 +75,7 @@ class VisPruner(Method):
     name = "vispruner"
     summary = "VisPruner: important tokens by [CLS] attention + diverse tokens by iterative duplicate removal"
     sites = ("pre_llm",)
+    needs_cls = True
     important_ratio: float = 0.5
 
     def stages(self, anatomy: Anatomy, budget: float | None) -> list[Stage]:
