@@ -1,0 +1,180 @@
+"""vLLM plugin vs Hugging Face hooks on the bundled LLaVA fixture (issue #20 acceptance).
+
+For each method at ``--budget``: greedy answers of ``tokenprune.patch`` (transformers) and of vLLM with
+``hf_overrides={"tokenprune": ...}`` on the first ``--n`` shapes test examples; the share of equal
+answers, of equal kept sets (per image, compared as multisets since vLLM may encode images in any
+order), and whether vLLM's prompt length is text + kept tokens. Also budget 1.0 against stock vLLM
+(no ``tokenprune`` key). Writes ``OUT.json`` and ``OUT.md``.
+
+Runs in the vLLM venv (``pip install tokenprune-vlm[vllm]``; see README "Serving at scale with vLLM"):
+``python evals/vllm_agreement.py --out evals/results/vllm_agreement``
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import tokenprune  # noqa: E402
+from tokenprune.demo import checkpoint_path, load, prompt, shapes  # noqa: E402
+
+METHODS = ("random", "uniform", "visionzip", "hired")
+MAX_NEW_TOKENS = 12
+IMAGE_TOKEN = 4
+
+
+def hf_answers(method: str | None, budget: float, examples: list[dict], batch: int = 10) -> dict[str, Any]:
+    """Greedy answers of the fixture under ``tokenprune.patch`` (``method=None``: unpatched), kept
+    original indices per example and prompt lengths (text + kept tokens)."""
+    model, proc = load("llava")
+    handle = tokenprune.patch(model, method, budget) if method else None
+    answers, kept, lengths = [], [], []
+    for i in range(0, len(examples), batch):
+        chunk = examples[i : i + batch]
+        inp = proc(images=[e["image"] for e in chunk], text=[prompt(e["question"]) for e in chunk],
+                   return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**inp, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        answers += proc.tokenizer.batch_decode(out[:, inp["input_ids"].shape[1] :], skip_special_tokens=True)
+        n_text = ((inp["input_ids"] != IMAGE_TOKEN) & inp["attention_mask"].bool()).sum(-1)
+        if handle is not None:
+            rec = handle.trace.stages[-1].kept
+            kept += [r[r >= 0].tolist() for r in rec]
+            lengths += (n_text + (rec >= 0).sum(-1)).tolist()
+        else:
+            lengths += inp["attention_mask"].sum(-1).tolist()
+    return {"answers": answers, "kept": kept, "lengths": lengths}
+
+
+def vllm_engine(method: str | None, budget: float, **kwargs) -> Any:
+    """vLLM on the fixture: with tokenprune's plugin at ``method``/``budget``, or stock (``method=None``)."""
+    from vllm import LLM
+
+    over = {"tokenprune": {"method": method, "budget": budget}} if method else {}
+    args = dict(max_model_len=512, enforce_eager=True, dtype="float32", seed=0, limit_mm_per_prompt={"image": 1})
+    return LLM(model=str(checkpoint_path("llava")), hf_overrides=over, **{**args, **kwargs})
+
+
+def vllm_answers(llm: Any, examples: list[dict]) -> dict[str, Any]:
+    """Greedy answers, prompt lengths and kept sets (in encoding order) of ``llm`` on ``examples``."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0)
+    reqs = [{"prompt": prompt(e["question"]), "multi_modal_data": {"image": e["image"]}} for e in examples]
+    outs = llm.generate(reqs, sp, use_tqdm=False)
+    traces = llm.apply_model(lambda m: list(getattr(m, "kept_trace", [])))
+    return {
+        "answers": [o.outputs[0].text for o in outs],
+        "lengths": [len(o.prompt_token_ids) for o in outs],
+        "kept": traces[0] if traces else [],
+    }
+
+
+def _close(llm: Any) -> None:
+    del llm
+    gc.collect()
+
+
+def compare(hf: dict, vl: dict) -> dict[str, Any]:
+    """Agreement of two runs over the same examples."""
+    n = len(hf["answers"])
+    same = [a.strip() == b.strip() for a, b in zip(hf["answers"], vl["answers"])]
+    out = {
+        "n": n,
+        "answers_equal": sum(same),
+        "answers_equal_share": sum(same) / n,
+        "lengths_equal": sum(a == b for a, b in zip(hf["lengths"], vl["lengths"])),
+        "differing": [i for i, s in enumerate(same) if not s],
+    }
+    if hf.get("kept") and vl.get("kept"):
+        a = Counter(tuple(k) for k in hf["kept"])
+        b = Counter(tuple(k) for k in vl["kept"][-n:])
+        out["kept_sets_equal"] = sum((a & b).values())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--budget", type=float, default=0.25)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--out", default=str(ROOT / "evals" / "results" / "vllm_agreement"))
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    examples = shapes("test", args.n)
+    rows: dict[str, Any] = {}
+    t0 = time.time()
+    stock = vllm_engine(None, 1.0)
+    stock_run = vllm_answers(stock, examples)
+    _close(stock)
+    for method in args.methods:
+        hf = hf_answers(method, args.budget, examples)
+        llm = vllm_engine(method, args.budget)
+        vl = vllm_answers(llm, examples)
+        _close(llm)
+        full = vllm_engine(method, 1.0)
+        vl_full = vllm_answers(full, examples)
+        _close(full)
+        rows[method] = {
+            "budget": args.budget,
+            **compare(hf, vl),
+            "budget_1_equals_stock": sum(a == b for a, b in zip(vl_full["answers"], stock_run["answers"])),
+        }
+        print(method, rows[method], flush=True)
+    result = {
+        "n": args.n,
+        "budget": args.budget,
+        "methods": rows,
+        "seconds": round(time.time() - t0, 1),
+        "versions": _versions(),
+        "command": "python evals/vllm_agreement.py " + " ".join(sys.argv[1:]),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+    import vllm
+
+    return {"vllm": vllm.__version__, "transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def markdown(result: dict) -> str:
+    n = result["n"]
+    lines = [
+        f"# vLLM plugin vs Hugging Face hooks (bundled LLaVA fixture, {n} shapes test examples)",
+        "",
+        f"Greedy answers ({MAX_NEW_TOKENS} new tokens) at budget {result['budget']}; "
+        f"`{result['command']}`; {result['versions']}; {result['seconds']} s.",
+        "",
+        "| method | answers equal to HF | kept sets equal | prompt length = text + kept | budget 1.0 = stock vLLM |",
+        "|---|---|---|---|---|",
+    ]
+    for m, r in result["methods"].items():
+        lines.append(
+            f"| {m} | {r['answers_equal']}/{n} ({100 * r['answers_equal_share']:.0f} %) | "
+            f"{r.get('kept_sets_equal', '-')}/{n} | {r['lengths_equal']}/{n} | {r['budget_1_equals_stock']}/{n} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

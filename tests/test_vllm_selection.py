@@ -1,0 +1,137 @@
+"""The vLLM plugin's vLLM-free parts (tokenprune/vllm/spec.py, context.py, positions.py), against the
+Hugging Face path: the config entry is validated with typed errors, the kept COUNT known before
+encoding equals what the HF hooks keep, the context built from raw tower tensors selects exactly the
+HF kept sets, and the positions reproduce the HF position ids. Runs without vLLM."""
+
+import pytest
+import torch
+from transformers import LlavaConfig
+
+import tokenprune
+from tokenprune.adapters import anatomy_of
+from tokenprune.demo import load, prompt, shapes
+from tokenprune.errors import BudgetError, MethodArgumentError, SiteError, UnknownMethodError
+from tokenprune.vllm.context import TowerCapture, dry_run_counts, image_context, select
+from tokenprune.vllm.positions import decode_shifts, encode_shifts, prompt_positions
+from tokenprune.vllm.spec import build_spec, hf_anatomy, raw_spec
+
+SERVED = ["random", "uniform", "visionzip", "hired"]
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    model, proc = load("llava")
+    return model, proc, hf_anatomy(model.config)  # what the plugin builds: the HF model on the meta device
+
+
+def test_missing_key_means_stock():
+    assert raw_spec(LlavaConfig()) is None
+
+
+@pytest.mark.parametrize(
+    "raw, error, match",
+    [
+        ({"method": "fastv", "budget": 0.25}, SiteError, r"inside the LLM.*servable methods: \[.*visionzip"),
+        ({"method": "pdrop", "budget": 0.25}, SiteError, "inside the LLM"),
+        ({"method": "feather", "budget": 0.25}, SiteError, "inside the LLM"),
+        ({"method": "random", "budget": 0.25, "site": "llm"}, SiteError, "inside the LLM"),
+        ({"method": "early_exit"}, SiteError, "hooks of its own"),
+        ({"method": "tome", "budget": 0.5}, SiteError, "inside the vision encoder"),
+        ({"method": "nope", "budget": 0.25}, UnknownMethodError, "unknown method 'nope'"),
+        ({"method": "random", "budget": 1.5}, BudgetError, r"budget: must be a number in \(0, 1\]"),
+        ({"method": "random", "budget": 0.25, "sead": 1}, MethodArgumentError, r"unknown parameter\(s\) \['sead'\]"),
+        ({"budget": 0.25}, MethodArgumentError, "'method' is required"),
+        ({"method": "hired"}, BudgetError, "hired needs a budget"),
+    ],
+)
+def test_bad_entries_raise_typed_errors(fixture, raw, error, match):
+    with pytest.raises(error, match=match):
+        build_spec(raw, fixture[2])
+
+
+def test_entry_must_be_a_dict():
+    cfg = LlavaConfig()
+    cfg.tokenprune = "visionzip"
+    with pytest.raises(MethodArgumentError, match="expected a dict"):
+        raw_spec(cfg)
+
+
+def _hf_run(model, proc, method, examples, **params):
+    """HF path: kept original indices per example (one image each)."""
+    inp = proc(images=[e["image"] for e in examples], text=[prompt(e["question"]) for e in examples],
+               return_tensors="pt", padding=True)
+    with tokenprune.patch(model, method, 0.25, **params) as handle, torch.no_grad():
+        model(**inp)
+        kept = handle.trace.stages[-1].kept
+    return inp, [r[r >= 0] for r in kept]
+
+
+def _tower_capture(model, anatomy, pixel_values, layers):
+    """A TowerCapture from the HF tower's own modules (what the vLLM model builds from vLLM's)."""
+    vp = anatomy.vision
+    inputs, outputs, handles = {}, {}, []
+    for layer in layers:
+        attn = vp.attention(vp.layers[layer])
+        handles.append(attn.register_forward_pre_hook(
+            lambda m, a, kw, layer=layer: inputs.__setitem__(layer, kw.get("hidden_states", a[0] if a else None)),
+            with_kwargs=True))
+        handles.append(vp.layers[layer].register_forward_hook(
+            lambda m, a, out, layer=layer: outputs.__setitem__(layer, out[0] if isinstance(out, tuple) else out)))
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    for h in handles:
+        h.remove()
+    attn0 = vp.attention(vp.layers[0])
+    n_heads, hd = vp.num_heads(attn0), attn0.head_dim
+
+    def heads(layer):
+        attn, h = vp.attention(vp.layers[layer]), inputs[layer]
+        t, s, _ = h.shape
+        k = attn.k_proj(h).view(t, s, n_heads, hd).transpose(1, 2)
+        q = attn.q_proj(h[:, :1]).view(t, 1, n_heads, hd).transpose(1, 2)
+        return q, k
+
+    return list(feats), TowerCapture(heads, outputs, n_heads, vp.scale(attn0), vp.has_cls, vp.grid)
+
+
+@pytest.mark.parametrize("method", SERVED)
+def test_context_from_tower_tensors_selects_the_hf_kept_sets(fixture, method):
+    model, proc, anatomy = fixture
+    examples = shapes("test", 4)
+    inp, hf_kept = _hf_run(model, proc, method, examples)
+    spec = build_spec({"method": method, "budget": 0.25}, anatomy)
+    layers = sorted({c % anatomy.vision.num_layers for c in spec.stage.capture})
+    feats, capture = _tower_capture(model, anatomy_of(model), inp["pixel_values"], layers)
+    layouts = anatomy.layouts([f.shape[0] for f in feats], None)
+    rows = [torch.full((f.shape[0],), b) for b, f in enumerate(feats)]
+    with torch.no_grad():
+        ctx = image_context(feats, layouts, rows, capture, model.model.multi_modal_projector)
+        kept, chosen = select(spec.stage, ctx)
+    for b, ref in enumerate(hf_kept):
+        assert torch.equal(kept[b][kept[b] >= 0], ref), (method, b)
+    assert chosen.shape[:2] == kept.shape
+    counts = dry_run_counts(spec.stage, layouts[:1])
+    assert counts == [ref.numel() for ref in hf_kept[:1]]
+
+
+def test_shift_channels_round_trip_in_bf16():
+    kept = torch.tensor([3, 200, 1999, 2879])
+    emb = torch.randn(4, 8).to(torch.bfloat16)
+    packed = encode_shifts(emb, kept)
+    assert packed.shape == (4, 11)
+    back, shifts = decode_shifts(packed)
+    assert torch.equal(back, emb)
+    assert torch.equal(shifts, kept - torch.arange(4))
+    with pytest.raises(ValueError, match="ascending"):
+        encode_shifts(emb[:2], torch.tensor([5, 1]))
+
+
+def test_prompt_positions_keep_original_text_positions():
+    # text 0..2, image at 3 keeps 2 of 5, text after, a second image at 8 keeps 1 of 4, text after
+    pos, delta = prompt_positions(11, [(3, 2, 5), (8, 1, 4)])
+    assert pos.shape == (3, 11) and torch.equal(pos[0], pos[2])
+    assert pos[0].tolist() == [0, 1, 2, 3, 4, 8, 9, 10, 11, 15, 16]
+    assert delta == (5 - 2) + (4 - 1)  # decoding continues from the unpruned length
+    # kept image tokens land at start + original index once their shifts are added
+    _, shifts = decode_shifts(encode_shifts(torch.zeros(2, 1), torch.tensor([1, 4])))
+    assert (pos[0, 3:5] + shifts).tolist() == [3 + 1, 3 + 4]
