@@ -37,10 +37,12 @@ MAX_NEW_TOKENS = 12
 IMAGE_TOKEN = 4
 
 
-def hf_answers(method: str | None, budget: float, examples: list[dict], batch: int = 10) -> dict[str, Any]:
-    """Greedy answers of the fixture under ``tokenprune.patch`` (``method=None``: unpatched), kept
+def hf_answers(
+    method: str | None, budget: float, examples: list[dict], batch: int = 10, kind: str = "llava"
+) -> dict[str, Any]:
+    """Greedy answers of fixture ``kind`` under ``tokenprune.patch`` (``method=None``: unpatched), kept
     original indices per example and prompt lengths (text + kept tokens)."""
-    model, proc = load("llava")
+    model, proc = load(kind)
     handle = tokenprune.patch(model, method, budget) if method else None
     answers, kept, lengths = [], [], []
     for i in range(0, len(examples), batch):
@@ -60,13 +62,15 @@ def hf_answers(method: str | None, budget: float, examples: list[dict], batch: i
     return {"answers": answers, "kept": kept, "lengths": lengths}
 
 
-def vllm_engine(method: str | None, budget: float, **kwargs) -> Any:
-    """vLLM on the fixture: with tokenprune's plugin at ``method``/``budget``, or stock (``method=None``)."""
+def vllm_engine(method: str | None, budget: float, kind: str = "llava", **kwargs) -> Any:
+    """vLLM on fixture ``kind`` (or ``model=``): with tokenprune's plugin at ``method``/``budget``, or
+    without the ``tokenprune`` key (``method=None``)."""
     from vllm import LLM
 
     over = {"tokenprune": {"method": method, "budget": budget}} if method else {}
-    args = dict(max_model_len=512, enforce_eager=True, dtype="float32", seed=0, limit_mm_per_prompt={"image": 1})
-    return LLM(model=str(checkpoint_path("llava")), hf_overrides=over, **{**args, **kwargs})
+    args = dict(model=str(checkpoint_path(kind)), max_model_len=2048, enforce_eager=True, dtype="float32", seed=0,
+                limit_mm_per_prompt={"image": 1})
+    return LLM(hf_overrides=over, **{**args, **kwargs})
 
 
 def vllm_answers(llm: Any, examples: list[dict]) -> dict[str, Any]:
@@ -84,9 +88,15 @@ def vllm_answers(llm: Any, examples: list[dict]) -> dict[str, Any]:
     }
 
 
-def _close(llm: Any) -> None:
-    del llm
-    gc.collect()
+def vllm_run(method: str | None, budget: float, examples: list[dict], kind: str = "llava", **kwargs) -> dict[str, Any]:
+    """:func:`vllm_answers` of a fresh engine, shut down before returning (vLLM's in-process engines
+    share process-wide state: an old engine must be gone before the next one starts)."""
+    llm = vllm_engine(method, budget, kind, **kwargs)
+    try:
+        return vllm_answers(llm, examples)
+    finally:
+        del llm
+        gc.collect()
 
 
 def compare(hf: dict, vl: dict) -> dict[str, Any]:
@@ -112,23 +122,18 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--budget", type=float, default=0.25)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--kind", default="llava", choices=["llava", "llava_next"], help="bundled fixture")
     ap.add_argument("--out", default=str(ROOT / "evals" / "results" / "vllm_agreement"))
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     examples = shapes("test", args.n)
     rows: dict[str, Any] = {}
     t0 = time.time()
-    stock = vllm_engine(None, 1.0)
-    stock_run = vllm_answers(stock, examples)
-    _close(stock)
+    stock_run = vllm_run(None, 1.0, examples, args.kind)
     for method in args.methods:
-        hf = hf_answers(method, args.budget, examples)
-        llm = vllm_engine(method, args.budget)
-        vl = vllm_answers(llm, examples)
-        _close(llm)
-        full = vllm_engine(method, 1.0)
-        vl_full = vllm_answers(full, examples)
-        _close(full)
+        hf = hf_answers(method, args.budget, examples, kind=args.kind)
+        vl = vllm_run(method, args.budget, examples, args.kind)
+        vl_full = vllm_run(method, 1.0, examples, args.kind)
         rows[method] = {
             "budget": args.budget,
             **compare(hf, vl),
@@ -136,6 +141,7 @@ def main() -> None:
         }
         print(method, rows[method], flush=True)
     result = {
+        "model": f"bundled {args.kind} fixture",
         "n": args.n,
         "budget": args.budget,
         "methods": rows,
@@ -160,7 +166,7 @@ def _versions() -> dict[str, str]:
 def markdown(result: dict) -> str:
     n = result["n"]
     lines = [
-        f"# vLLM plugin vs Hugging Face hooks (bundled LLaVA fixture, {n} shapes test examples)",
+        f"# vLLM plugin vs Hugging Face hooks ({result['model']}, {n} shapes test examples)",
         "",
         f"Greedy answers ({MAX_NEW_TOKENS} new tokens) at budget {result['budget']}; "
         f"`{result['command']}`; {result['versions']}; {result['seconds']} s.",

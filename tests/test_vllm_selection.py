@@ -18,9 +18,9 @@ from tokenprune.vllm.spec import build_spec, hf_anatomy, raw_spec
 SERVED = ["random", "uniform", "visionzip", "hired"]
 
 
-@pytest.fixture(scope="module")
-def fixture():
-    model, proc = load("llava")
+@pytest.fixture(scope="module", params=["llava", "llava_next"])
+def fixture(request):
+    model, proc = load(request.param)
     return model, proc, hf_anatomy(model.config)  # what the plugin builds: the HF model on the meta device
 
 
@@ -57,7 +57,7 @@ def test_entry_must_be_a_dict():
 
 
 def _hf_run(model, proc, method, examples, **params):
-    """HF path: kept original indices per example (one image each)."""
+    """HF path: kept original indices per example (one image each; LLaVA-NeXT: base crop, tiles, newlines)."""
     inp = proc(images=[e["image"] for e in examples], text=[prompt(e["question"]) for e in examples],
                return_tensors="pt", padding=True)
     with tokenprune.patch(model, method, 0.25, **params) as handle, torch.no_grad():
@@ -66,7 +66,7 @@ def _hf_run(model, proc, method, examples, **params):
     return inp, [r[r >= 0] for r in kept]
 
 
-def _tower_capture(model, anatomy, pixel_values, layers):
+def _tower_capture(model, anatomy, pixel_values, layers, image_sizes=None):
     """A TowerCapture from the HF tower's own modules (what the vLLM model builds from vLLM's)."""
     vp = anatomy.vision
     inputs, outputs, handles = {}, {}, []
@@ -77,8 +77,9 @@ def _tower_capture(model, anatomy, pixel_values, layers):
             with_kwargs=True))
         handles.append(vp.layers[layer].register_forward_hook(
             lambda m, a, out, layer=layer: outputs.__setitem__(layer, out[0] if isinstance(out, tuple) else out)))
+    extra = {"image_sizes": image_sizes} if image_sizes is not None else {}
     with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+        feats = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **extra).pooler_output
     for h in handles:
         h.remove()
     attn0 = vp.attention(vp.layers[0])
@@ -101,17 +102,19 @@ def test_context_from_tower_tensors_selects_the_hf_kept_sets(fixture, method):
     inp, hf_kept = _hf_run(model, proc, method, examples)
     spec = build_spec({"method": method, "budget": 0.25}, anatomy)
     layers = sorted({c % anatomy.vision.num_layers for c in spec.stage.capture})
-    feats, capture = _tower_capture(model, anatomy_of(model), inp["pixel_values"], layers)
-    layouts = anatomy.layouts([f.shape[0] for f in feats], None)
-    rows = [torch.full((f.shape[0],), b) for b, f in enumerate(feats)]
+    sizes = inp.get("image_sizes")
+    feats, capture = _tower_capture(model, anatomy_of(model), inp["pixel_values"], layers, sizes)
+    layouts = anatomy.layouts([f.shape[0] for f in feats], sizes)
+    crops = torch.tensor([0] + [int(lay.tile.max()) + 1 for lay in layouts]).cumsum(0)  # tower rows per image
+    rows = [crops[b] + lay.tile.clamp(min=0) for b, lay in enumerate(layouts)]
     with torch.no_grad():
         ctx = image_context(feats, layouts, rows, capture, model.model.multi_modal_projector)
         kept, chosen = select(spec.stage, ctx)
     for b, ref in enumerate(hf_kept):
         assert torch.equal(kept[b][kept[b] >= 0], ref), (method, b)
     assert chosen.shape[:2] == kept.shape
-    counts = dry_run_counts(spec.stage, layouts[:1])
-    assert counts == [ref.numel() for ref in hf_kept[:1]]
+    counts = dry_run_counts(spec.stage, layouts)
+    assert counts == [ref.numel() for ref in hf_kept]
 
 
 def test_shift_channels_round_trip_in_bf16():

@@ -14,20 +14,44 @@ between the projector and the LLM (random, uniform, visionzip, hired, ...). LLM-
 
 from __future__ import annotations
 
-ARCHITECTURES = {"LlavaForConditionalGeneration": "tokenprune.vllm.llava:TokenpruneLlavaForConditionalGeneration"}
+from pathlib import Path
+
+_REGISTERED = False
+ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "tokenprune.vllm.llava:TokenpruneLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "tokenprune.vllm.llava_next:TokenpruneLlavaNextForConditionalGeneration",
+}
 
 
 def register() -> None:
     """vLLM general plugin (idempotent; runs in the main, engine-core and worker processes): put
     tokenprune's subclasses under the stock architecture names and their config check in vLLM's
     per-architecture config hooks, which run when the engine's config is built."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from vllm.transformers_utils.chat_templates.registry import register_chat_template_fallback_path
 
     from .config_hook import hook_for
 
     for arch, target in ARCHITECTURES.items():
         ModelRegistry.register_model(arch, target)
-        current = MODELS_CONFIG_MAP.get(arch)
-        if not hasattr(current, "tokenprune_previous"):
-            MODELS_CONFIG_MAP[arch] = hook_for(current)
+        MODELS_CONFIG_MAP[arch] = hook_for(MODELS_CONFIG_MAP.get(arch))
+    for model_type in ("llava", "llava_next"):
+        register_chat_template_fallback_path(model_type, fixture_chat_template)
+    _REGISTERED = True
+
+
+def fixture_chat_template(tokenizer_path: str) -> Path | None:
+    """The chat template of tokenprune's bundled LLaVA / LLaVA-NeXT fixtures (which ship none; vLLM's
+    chat and ``vllm serve`` need one): their training prompt ``<s>USER: <image>\n{question} ASSISTANT:``.
+    Any other ``llava`` / ``llava_next`` model without a template gets none, as in stock vLLM."""
+    from ..demo import checkpoint_path
+
+    try:
+        bundled = Path(tokenizer_path).resolve() in {checkpoint_path(k).resolve() for k in ("llava", "llava_next")}
+    except OSError:
+        bundled = False
+    return Path(__file__).with_name("llava_fixture.jinja") if bundled else None

@@ -62,11 +62,18 @@ def hook_for(previous: type | None) -> type:
             base.verify_and_update_config(vllm_config)
             spec = spec_of(vllm_config.model_config.hf_config)
             pp = vllm_config.parallel_config.pipeline_parallel_size
-            if spec is not None and not spec.keeps_everything and pp > 1:
+            if spec is None or spec.keeps_everything:
+                return
+            if pp > 1:
                 raise SiteError(
                     f"pipeline_parallel_size: tokenprune serves pruned models with 1 pipeline stage (got {pp}); "
                     "the first stage computes each kept token's original position. Use tensor parallelism"
                 )
+            mm = vllm_config.model_config.multimodal_config
+            if getattr(mm, "mm_encoder_tp_mode", "weights") == "data":
+                raise SiteError(
+                    "mm_encoder_tp_mode: 'data' splits a batch's images over ranks, but the selection reads every "
+                    "image's encoder attention on each rank; allowed with tokenprune: 'weights'"
+                )
 
-    TokenpruneConfig.tokenprune_previous = previous
     return TokenpruneConfig
