@@ -74,13 +74,15 @@ def vllm_engine(method: str | None, budget: float, kind: str = "llava", **kwargs
 
 
 def vllm_answers(llm: Any, examples: list[dict]) -> dict[str, Any]:
-    """Greedy answers, prompt lengths and kept sets (in encoding order) of ``llm`` on ``examples``."""
+    """Greedy answers, prompt lengths and kept sets (in encoding order; in-process engines only) of ``llm``
+    on ``examples``."""
     from vllm import SamplingParams
 
     sp = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0)
     reqs = [{"prompt": prompt(e["question"]), "multi_modal_data": {"image": e["image"]}} for e in examples]
     outs = llm.generate(reqs, sp, use_tqdm=False)
-    traces = llm.apply_model(lambda m: list(getattr(m, "kept_trace", [])))
+    in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"  # the model object is reachable
+    traces = llm.apply_model(lambda m: list(getattr(m, "kept_trace", []))) if in_process else []
     return {
         "answers": [o.outputs[0].text for o in outs],
         "lengths": [len(o.prompt_token_ids) for o in outs],

@@ -1,5 +1,5 @@
 """One vLLM engine in a fresh process (for the tests that need one): greedy answers and prompt lengths of
-the first N shapes test examples as JSON on the last stdout line.
+the first N shapes test examples as JSON on the stdout line that starts with RESULT.
 
 python tests/vllm/run_engine.py MODEL_DIR METHOD|none BUDGET N [chat]
 """
@@ -16,4 +16,4 @@ if __name__ == "__main__":
     model, method, budget, n = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
     llm = vllm_engine(None if method == "none" else method, budget, model=model)
     run = vllm_answers(llm, shapes("test", n))
-    print(json.dumps({"answers": run["answers"], "lengths": run["lengths"]}))
+    print("RESULT", json.dumps({"answers": run["answers"], "lengths": run["lengths"]}), flush=True)

@@ -42,7 +42,7 @@ def _subprocess(model: str, method: str, budget: float, n: int, **env) -> dict:
         capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, **env},
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
 
 
 @pytest.mark.parametrize(
