@@ -39,7 +39,8 @@ def test_wheel_installs_nothing_generic_at_top_level(wheel):
     top = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
     assert wheel.read(top).decode().split() == ["tokenprune"]
     for module in ("tokenprune/cli.py", "tokenprune/evals/cli.py", "tokenprune/evals/demo.py",
-                   "tokenprune/integrations/lmms_eval_model.py", "tokenprune/demo/checkpoints/llava/model.safetensors"):
+                   "tokenprune/integrations/lmms_eval_model.py", "tokenprune/demo/checkpoints/llava/model.safetensors",
+                   "tokenprune/vllm/llava.py", "tokenprune/vllm/llava_fixture.jinja"):
         assert module in names, module
     assert not any(n.startswith("tokenprune/evals/fixtures/") for n in names)  # training scripts stay in the repo
 
@@ -51,7 +52,8 @@ def test_entry_points_import(wheel):
     assert dict(eps["console_scripts"]) == {"tokenprune": "tokenprune.cli:main",
                                             "tokenprune-eval": "tokenprune.evals.cli:main"}
     assert dict(eps["lmms_eval.models"]) == {"tokenprune": "tokenprune.integrations.lmms_eval_model:manifest"}
-    for group in ("console_scripts", "lmms_eval.models"):
+    assert dict(eps["vllm.general_plugins"]) == {"tokenprune": "tokenprune.vllm:register"}  # imports without vLLM
+    for group in ("console_scripts", "lmms_eval.models", "vllm.general_plugins"):
         for target in eps[group].values():
             module, attr = target.split(":")
             assert callable(getattr(importlib.import_module(module), attr)), target

@@ -104,7 +104,7 @@ def test_context_from_tower_tensors_selects_the_hf_kept_sets(fixture, method):
     layers = sorted({c % anatomy.vision.num_layers for c in spec.stage.capture})
     sizes = inp.get("image_sizes")
     feats, capture = _tower_capture(model, anatomy_of(model), inp["pixel_values"], layers, sizes)
-    layouts = anatomy.layouts([f.shape[0] for f in feats], sizes)
+    layouts = anatomy.layouts([f.shape[0] for f in feats], {"image_sizes": sizes})
     crops = torch.tensor([0] + [int(lay.tile.max()) + 1 for lay in layouts]).cumsum(0)  # tower rows per image
     rows = [crops[b] + lay.tile.clamp(min=0) for b, lay in enumerate(layouts)]
     with torch.no_grad():

@@ -49,7 +49,7 @@ def kept_count(spec: ServeSpec, n: int, image_size: tuple[int, int] | None = Non
     key = (id(spec), n, image_size)
     if key not in _COUNTS:
         sizes = None if image_size is None else torch.tensor([image_size])
-        _COUNTS[key] = dry_run_counts(spec.stage, spec.anatomy.layouts([n], sizes))[0]
+        _COUNTS[key] = dry_run_counts(spec.stage, spec.anatomy.layouts([n], {"image_sizes": sizes}))[0]
     return _COUNTS[key]
 
 
@@ -133,7 +133,7 @@ class PrunedModel:
         """Kept rows (with their position shifts) of each image's features (N_b, H), in the order they
         would reach the LLM; ``image_sizes`` (B, 2) as (height, width) where the layout needs them;
         ``first_rows[b]`` is the tower row (crop) of image b's base crop, its tiles following it."""
-        layouts = self._spec.anatomy.layouts([f.shape[0] for f in features], image_sizes)
+        layouts = self._spec.anatomy.layouts([f.shape[0] for f in features], {"image_sizes": image_sizes})
         rows = [first + lay.tile.clamp(min=0) for first, lay in zip(first_rows, layouts)]
         ctx = image_context(features, layouts, rows, self._capture, self.multi_modal_projector)
         try:
