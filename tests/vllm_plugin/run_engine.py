@@ -1,7 +1,7 @@
 """One vLLM engine in a fresh process (for the tests that need one): greedy answers and prompt lengths of
 the first N shapes test examples as JSON on the stdout line that starts with RESULT.
 
-python tests/vllm/run_engine.py MODEL_DIR METHOD|none BUDGET N [chat]
+python tests/vllm_plugin/run_engine.py MODEL_DIR METHOD|none BUDGET N [chat]
 """
 
 import json

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM not installed: these tests run in the vLLM venv built by .ci/vllm.sh")
+pytest.importorskip("vllm.entrypoints.llm", reason="vLLM not installed: these tests run in the vLLM venv (.ci/vllm.sh)")
 
 from evals.vllm_agreement import IMAGE_TOKEN, hf_answers, vllm_answers, vllm_engine, vllm_run  # noqa: E402
 from tokenprune.demo import checkpoint_path, prompt, shapes  # noqa: E402
