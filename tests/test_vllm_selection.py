@@ -37,6 +37,7 @@ def test_missing_key_means_stock():
         ({"method": "random", "budget": 0.25, "site": "llm"}, SiteError, "inside the LLM"),
         ({"method": "early_exit"}, SiteError, "hooks of its own"),
         ({"method": "tome", "budget": 0.5}, SiteError, "inside the vision encoder"),
+        ({"method": "cdpruner", "budget": 0.25}, SiteError, "not served by the vLLM plugin yet"),
         ({"method": "nope", "budget": 0.25}, UnknownMethodError, "unknown method 'nope'"),
         ({"method": "random", "budget": 1.5}, BudgetError, r"budget: must be a number in \(0, 1\]"),
         ({"method": "random", "budget": 0.25, "sead": 1}, MethodArgumentError, r"unknown parameter\(s\) \['sead'\]"),
