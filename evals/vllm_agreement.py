@@ -173,7 +173,8 @@ def markdown(result: dict) -> str:
         f"Greedy answers ({MAX_NEW_TOKENS} new tokens) at budget {result['budget']}; "
         f"`{result['command']}`; {result['versions']}; {result['seconds']} s.",
         "",
-        "| method | answers equal to HF | kept sets equal | prompt length = text + kept | budget 1.0 = stock vLLM |",
+        "| method | answers equal to HF | kept sets equal | prompt length = text + kept "
+        "| budget 1.0 = no `tokenprune` key |",
         "|---|---|---|---|---|",
     ]
     for m, r in result["methods"].items():
