@@ -144,7 +144,8 @@ class PeerFastV(Method):
                 self.visual, self.busy = state.llm_input.visual, True
                 cfg._attn_implementation = "eager"
                 try:
-                    mod.forward(**{**kw, "attention_mask": causal(kw), "past_key_values": None, "use_cache": False})
+                    no_cache = {name: None for name in ("past_key_values", "cache") if name in kw}  # 5.24 renamed it
+                    mod.forward(**{**kw, **no_cache, "attention_mask": causal(kw), "use_cache": False})
                 finally:
                     cfg._attn_implementation, self.busy = backend, False
                 self.rerun_s += time.perf_counter() - t0

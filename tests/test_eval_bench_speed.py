@@ -26,8 +26,7 @@ def test_bench_speed_small_geometry():
     for p in ("fastv[rerun]", "fastv[eager]"):  # kept sets equal ours (the run raises otherwise)
         assert rows[p]["kept_equal_to_fastv"]
         assert rows[p]["llm_tokens_per_layer"] == rows["fastv"]["llm_tokens_per_layer"]
-        assert rows[p]["scoring_s"] > 0
-    assert rows["fastv[rerun]"]["rerun_s"] > 0
+    assert rows["fastv[rerun]"]["rerun_s"] > 0 and rows["fastv[rerun]"]["scoring_s"] > rows["fastv[rerun]"]["rerun_s"]
     eager = rows["fastv[eager]"]["eager_attention"]  # its layer's attention, eager with weights vs sdpa
     assert eager["eager_s"] > 0 and eager["sdpa_s"] > 0
     assert rows["fastv[eager]"]["scoring_s"] == pytest.approx(rows["fastv[eager]"]["select_s"] + eager["extra_s"])
