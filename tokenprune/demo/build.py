@@ -20,6 +20,10 @@ from transformers import (
     LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessorPil,
     ViTConfig,
     ViTImageProcessorPil,
 )
@@ -34,6 +38,8 @@ NEXT_PINPOINTS = [[112, 224], [224, 112], [224, 224]]  # a square 224 image -> b
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+# Qwen2.5-VL's image markers; appended after the shared vocabulary (so every other id is the LLaVA fixtures')
+QWEN_SPECIALS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
 NUMBERS = [f"{i / 100:.2f}" for i in range(101)]  # box coordinates, one token each
 COUNT_WORDS = [str(i) for i in range(MAX_SHAPES + 1)]
 QUESTION_WORDS = ["user:", "assistant:", "what", "color", "is", "the", "shape", "object", "how", "many",
@@ -51,12 +57,18 @@ def object_token(name: str) -> str:
     return name.replace(" ", "_")
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(qwen: bool = False) -> PreTrainedTokenizerFast:
     """Word-level tokenizer: lower-cases, keeps object names (``red circle``) as one token, splits on spaces,
-    ``[ ] , ?`` and a final ``.``; adds ``<s>``."""
+    ``[ ] , ?`` and a final ``.``; adds ``<s>``. ``qwen``: Qwen's image markers (``QWEN_SPECIALS``) are
+    appended as special tokens, every other id unchanged."""
     vocab: dict[str, int] = {}
     for w in SPECIALS + QUESTION_WORDS + ANSWER_WORDS + [object_token(o) for o in OBJECT_NAMES]:
         vocab.setdefault(w, len(vocab))
+    extra = ["<image>"]
+    if qwen:
+        for w in QWEN_SPECIALS:
+            vocab.setdefault(w, len(vocab))
+        extra += QWEN_SPECIALS
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence(
         [normalizers.Lowercase(), *[normalizers.Replace(o, object_token(o)) for o in OBJECT_NAMES]])
@@ -69,7 +81,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens=["<image>"], model_max_length=2048, padding_side="left")
+        extra_special_tokens=extra, model_max_length=2048, padding_side="left")
     return fast
 
 
@@ -133,6 +145,59 @@ def llava_next_processor(tok: PreTrainedTokenizerFast) -> LlavaNextProcessor:
     return LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH,
                               vision_feature_select_strategy="default", image_token="<image>",
                               num_additional_image_tokens=1)
+
+
+QWEN_PATCH = 8  # Qwen2.5-VL tower patch; the 2x2 merger makes one LLM token per 16 x 16 input pixels
+QWEN_MIN_PIXELS = 144 * (2 * QWEN_PATCH) ** 2  # >= 144 visual tokens per image
+QWEN_MAX_PIXELS = 40000  # a 224 x 224 image -> 192 x 192 tower input (12 x 12 = 144 tokens), 288 x 192 -> 15 x 10
+
+
+def qwen2_5_vl_config(tok: PreTrainedTokenizerFast, layers: int = 8, hidden: int = 128, ffn: int = 384,
+                      rope_theta: float = 1e6, vision_hidden: int = 96, vision_depth: int = 4,
+                      fullatt: tuple[int, ...] = (1, 3), window: int = 64) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL layout: windowed vision tower (patch 8, 2D RoPE, ``window`` px windows = 4 x 4 merged
+    units, full attention in blocks ``fullatt``), 2x2 patch merger, Qwen2 LM (qkv biases, 4 heads / 2 KV
+    heads) with M-RoPE (``mrope_section`` [4, 6, 6] of the 16 rotary frequencies: t, h, w)."""
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": [4, 6, 6]},
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=4,
+                  patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2, window_size=window,
+                  out_hidden_size=hidden, fullatt_block_indexes=list(fullatt))
+    ids = tok.convert_tokens_to_ids(QWEN_SPECIALS)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, vision_start_token_id=ids[0],
+                           image_token_id=ids[1], vision_end_token_id=ids[2], video_token_id=tok.unk_token_id,
+                           tie_word_embeddings=False)
+    cfg.pad_token_id = tok.pad_token_id
+    return cfg
+
+
+def qwen_image_processor() -> Qwen2VLImageProcessorPil:
+    """Qwen2-VL resizing (``smart_resize`` to multiples of 16 px, ``QWEN_MIN_PIXELS`` .. ``QWEN_MAX_PIXELS``),
+    CLIP normalisation, patches of 8 px x 2 frames (a still image is repeated)."""
+    return Qwen2VLImageProcessorPil(size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
+                                    patch_size=QWEN_PATCH, temporal_patch_size=2, merge_size=2,
+                                    image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
+
+
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """``Qwen2_5_VLProcessor`` without a video processor: transformers' video processors need torchvision,
+    which the fixtures do not. Same ``__call__`` for images and text (``<|image_pad|>`` expands to one token
+    per 2x2 unit); ``from_pretrained`` loads only the image processor and the tokenizer."""
+
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None,
+                 **kwargs: Any) -> None:
+        self.image_token = "<|image_pad|>"
+        self.video_token = "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.unk_token_id
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def qwen2_5_vl_processor(tok: PreTrainedTokenizerFast) -> ImageOnlyQwen2_5_VLProcessor:
+    """The Qwen2.5-VL fixture's processor: :func:`qwen_image_processor` and the word-level tokenizer."""
+    return ImageOnlyQwen2_5_VLProcessor(image_processor=qwen_image_processor(), tokenizer=tok)
 
 
 VIT_LABELS = [str(i) for i in range(1, MAX_SHAPES + 1)]  # ViT task: number of shapes in the image

@@ -46,10 +46,21 @@ KINDS = ("attribute", "counting", "existence", "localization", "box")
 SPLITS = {"train": 0, "val": 1, "test": 2}
 MAX_SHAPES = 5
 MIN_SIZE, MAX_SIZE = 28, 64  # pixels at IMG = 224 (14-32 px at the 112-px model input)
+# ``shapes(..., aspect="mixed")``: (width, height) cycled by example index: square, wide, tall (for models that
+# keep the aspect ratio, e.g. Qwen2.5-VL, whose h / w position rows then differ)
+MIXED_SIZES = ((IMG, IMG), (288, 192), (192, 288))
+ASPECTS = ("square", "mixed")
 
 
-def _cell_bounds(i: int) -> tuple[int, int]:
-    return round(i * IMG / 3), round((i + 1) * IMG / 3)
+def _cell_bounds(i: int, extent: int = IMG) -> tuple[int, int]:
+    return round(i * extent / 3), round((i + 1) * extent / 3)
+
+
+def image_size(aspect: str, index: int) -> tuple[int, int]:
+    """``(width, height)`` of example ``index`` for ``aspect`` ("square": always ``IMG`` x ``IMG``)."""
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
+    return (IMG, IMG) if aspect == "square" else MIXED_SIZES[index % len(MIXED_SIZES)]
 
 
 def example_rng(split: str, seed: int, index: int, attempt: int = 0) -> np.random.Generator:
@@ -60,25 +71,27 @@ def example_rng(split: str, seed: int, index: int, attempt: int = 0) -> np.rando
     return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
-def sample_scene(rng: np.random.Generator, max_n: int = MAX_SHAPES, min_n: int = 1) -> list[dict[str, Any]]:
-    """Draw min_n..max_n objects: dicts with ``color``, ``shape``, ``cell`` (0-8), ``bbox`` (px)."""
+def sample_scene(rng: np.random.Generator, max_n: int = MAX_SHAPES, min_n: int = 1,
+                 size: tuple[int, int] = (IMG, IMG)) -> list[dict[str, Any]]:
+    """Draw min_n..max_n objects: dicts with ``color``, ``shape``, ``cell`` (0-8), ``bbox`` (px) in an image of
+    ``size`` = (width, height); a shape is at most as large as its cell allows (``MAX_SIZE`` at 224 x 224)."""
     n = int(rng.integers(min_n, max_n + 1))
     cells = rng.choice(9, size=n, replace=False)
     combos = rng.choice(len(COLOR_NAMES) * len(SHAPE_NAMES), size=n, replace=False)
     objs = []
     for cell, combo in zip(cells, combos, strict=True):
         r, c = divmod(int(cell), 3)
-        y0, y1 = _cell_bounds(r)
-        x0, x1 = _cell_bounds(c)
-        size = int(rng.integers(MIN_SIZE, MAX_SIZE + 1))
+        y0, y1 = _cell_bounds(r, size[1])
+        x0, x1 = _cell_bounds(c, size[0])
         margin = 3
-        x = int(rng.integers(x0 + margin, x1 - margin - size + 1))
-        y = int(rng.integers(y0 + margin, y1 - margin - size + 1))
+        side = int(rng.integers(MIN_SIZE, min(MAX_SIZE, x1 - x0 - 2 * margin, y1 - y0 - 2 * margin) + 1))
+        x = int(rng.integers(x0 + margin, x1 - margin - side + 1))
+        y = int(rng.integers(y0 + margin, y1 - margin - side + 1))
         objs.append({
             "shape": SHAPE_NAMES[int(combo) % len(SHAPE_NAMES)],
             "color": COLOR_NAMES[int(combo) // len(SHAPE_NAMES)],
             "cell": int(cell),
-            "bbox": (x, y, x + size, y + size),
+            "bbox": (x, y, x + side, y + side),
         })
     return objs
 
@@ -96,17 +109,17 @@ def draw_objects(draw: ImageDraw.ImageDraw, objs: list[dict[str, Any]], fill_fn:
             draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=col)
 
 
-def render(objs: list[dict[str, Any]], rng: np.random.Generator) -> Image.Image:
-    """Noisy dark background plus the objects."""
-    bg = rng.integers(20, 45, size=(IMG, IMG, 1)) + rng.integers(-8, 9, size=(IMG, IMG, 3))
+def render(objs: list[dict[str, Any]], rng: np.random.Generator, size: tuple[int, int] = (IMG, IMG)) -> Image.Image:
+    """Noisy dark background plus the objects (``size`` = (width, height))."""
+    bg = rng.integers(20, 45, size=(size[1], size[0], 1)) + rng.integers(-8, 9, size=(size[1], size[0], 3))
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
     draw_objects(ImageDraw.Draw(img), objs, lambda o: COLORS[o["color"]])
     return img
 
 
-def norm_box(bbox: tuple[int, int, int, int]) -> list[float]:
-    """Pixel box -> ``[x1, y1, x2, y2]`` normalised by the image size, two decimals."""
-    return [round(v / IMG, 2) for v in bbox]
+def norm_box(bbox: tuple[int, int, int, int], size: tuple[int, int] = (IMG, IMG)) -> list[float]:
+    """Pixel box -> ``[x1, y1, x2, y2]`` normalised by the image size (width, height), two decimals."""
+    return [round(v / size[i % 2], 2) for i, v in enumerate(bbox)]
 
 
 def format_box(box: list[float]) -> str:
@@ -119,8 +132,9 @@ def _pick(rng: np.random.Generator, seq: list[Any]) -> Any:
 
 
 def sample_question(objs: list[dict[str, Any]], kind: str, rng: np.random.Generator,
-                    want_yes: bool | None = None) -> dict[str, Any] | None:
-    """One question of ``kind`` about ``objs`` (question/answer/kind[/box] dict), or None if impossible."""
+                    want_yes: bool | None = None, size: tuple[int, int] = (IMG, IMG)) -> dict[str, Any] | None:
+    """One question of ``kind`` about ``objs`` in an image of ``size`` (question/answer/kind[/box] dict), or
+    None if impossible."""
     if kind == "attribute":
         cands = []
         for s in SHAPE_NAMES:
@@ -145,10 +159,10 @@ def sample_question(objs: list[dict[str, Any]], kind: str, rng: np.random.Genera
     if kind == "localization":
         o = _pick(rng, objs)
         return {"question": f"Where is the {o['color']} {o['shape']}?", "answer": CELL_NAMES[o["cell"]],
-                "kind": kind, "box": norm_box(o["bbox"]), "target": o}
+                "kind": kind, "box": norm_box(o["bbox"], size), "target": o}
     if kind == "box":
         o = _pick(rng, objs)
-        box = norm_box(o["bbox"])
+        box = norm_box(o["bbox"], size)
         return {"question": f"Give the bounding box of the {o['color']} {o['shape']}.",
                 "answer": format_box(box), "kind": kind, "box": box, "target": o}
     if kind == "existence":
@@ -168,17 +182,20 @@ def sample_question(objs: list[dict[str, Any]], kind: str, rng: np.random.Genera
 
 
 def make_scene(split: str, seed: int, index: int, max_n: int = MAX_SHAPES, min_n: int = 1,
-               attempt: int = 0) -> tuple[Image.Image, list[dict[str, Any]], np.random.Generator]:
-    """Image and objects of example ``index`` of stream ``(split, seed)``, plus the rng for its questions."""
+               attempt: int = 0, size: tuple[int, int] = (IMG, IMG)
+               ) -> tuple[Image.Image, list[dict[str, Any]], np.random.Generator]:
+    """Image (``size`` = (width, height)) and objects of example ``index`` of stream ``(split, seed)``, plus the
+    rng for its questions."""
     rng = example_rng(split, seed, index, attempt)
-    objs = sample_scene(rng, max_n=max_n, min_n=min_n)
-    return render(objs, rng), objs, rng
+    objs = sample_scene(rng, max_n=max_n, min_n=min_n, size=size)
+    return render(objs, rng, size), objs, rng
 
 
-def shapes(split: str = "test", n: int = 500, seed: int = 0) -> list[dict[str, Any]]:
+def shapes(split: str = "test", n: int = 500, seed: int = 0, aspect: str = "square") -> list[dict[str, Any]]:
     """The shapes benchmark: ``n`` examples, one question each, kinds in round-robin order.
 
-    Each example is a dict with ``image`` (PIL RGB, 224 x 224), ``question``, ``answer`` (short text),
+    Each example is a dict with ``image`` (PIL RGB, 224 x 224; with ``aspect="mixed"`` the sizes cycle
+    through ``MIXED_SIZES``: 224 x 224, 288 x 192, 192 x 288), ``question``, ``answer`` (short text),
     ``kind`` (one of ``KINDS``), ``box`` (normalised ``[x1, y1, x2, y2]`` of the referent; only for
     ``box`` and ``localization``) and ``objects`` (the ground-truth scene). Existence answers alternate
     yes/no, so that kind is exactly balanced. Deterministic in ``(split, n, seed)``; a prefix of a larger
@@ -190,13 +207,14 @@ def shapes(split: str = "test", n: int = 500, seed: int = 0) -> list[dict[str, A
     for i in range(n):
         kind = KINDS[i % len(KINDS)]
         want_yes = (i // len(KINDS)) % 2 == 0 if kind == "existence" else None
-        img, objs, rng = make_scene(split, seed, i)
-        qa = sample_question(objs, kind, rng, want_yes=want_yes)
+        size = image_size(aspect, i)
+        img, objs, rng = make_scene(split, seed, i, size=size)
+        qa = sample_question(objs, kind, rng, want_yes=want_yes, size=size)
         attempt = 0
         while qa is None:  # only attribute can fail (e.g. two triangles and no unique colour): redraw scene
             attempt += 1
-            img, objs, rng = make_scene(split, seed, i, attempt=attempt)
-            qa = sample_question(objs, kind, rng, want_yes=want_yes)
+            img, objs, rng = make_scene(split, seed, i, attempt=attempt, size=size)
+            qa = sample_question(objs, kind, rng, want_yes=want_yes, size=size)
         qa.pop("target", None)
         out.append({"image": img, **qa, "objects": objs})
     return out
