@@ -9,12 +9,21 @@ from typing import Any
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def prompt(question: str) -> str:
-    """LLaVA-1.5 single-turn prompt ``USER: <image>\\n{question} ASSISTANT:`` (the tokenizer adds ``<s>``).
+_IMAGE_TEXT = {"llava": "<image>", "llava_next": "<image>",
+               "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
 
-    The processors expand the single ``<image>`` into the right number of placeholders.
+
+def prompt(question: str, kind: str = "llava") -> str:
+    """The fixtures' single-turn prompt ``USER: <image>\\n{question} ASSISTANT:`` (the tokenizer adds ``<s>``);
+    for ``kind="qwen2_5_vl"`` the image is ``<|vision_start|><|image_pad|><|vision_end|>``, as in Qwen's chat
+    template, without the chat roles.
+
+    The processors expand the single ``<image>`` / ``<|image_pad|>`` into the right number of placeholders.
+    Raises ``ValueError`` for a kind without a prompt.
     """
-    return f"USER: <image>\n{question} ASSISTANT:"
+    if kind not in _IMAGE_TEXT:
+        raise ValueError(f"kind must be one of {sorted(_IMAGE_TEXT)}, got {kind!r}")
+    return f"USER: {_IMAGE_TEXT[kind]}\n{question} ASSISTANT:"
 
 
 def parse_box(text: str) -> list[float] | None:
