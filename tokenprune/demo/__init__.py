@@ -1,7 +1,8 @@
 """Bundled demo: the synthetic *shapes* benchmark and small trained fixture models (no download).
 
 * :func:`shapes` -- deterministic benchmark examples (attribute / counting / existence / localization / box).
-* :func:`load` -- ``(model, processor)`` for the bundled ``"llava"``, ``"llava_next"`` or ``"vit"`` fixture.
+* :func:`load` -- ``(model, processor)`` for the bundled ``"llava"``, ``"llava_next"``, ``"qwen2_5_vl"`` or
+  ``"vit"`` fixture.
 * :func:`prompt` -- the prompt format the fixtures were trained with.
 * :func:`score` -- per-example scoring (exact match; box via IoU >= 0.5).
 """

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
-MODEL_KINDS = ("llava", "llava_next", "vit")
+MODEL_KINDS = ("llava", "llava_next", "qwen2_5_vl", "vit")
 
 
 def checkpoint_path(kind: str = "llava") -> Path:
@@ -17,7 +17,11 @@ def checkpoint_path(kind: str = "llava") -> Path:
 
 
 def load(kind: str = "llava", path: str | Path | None = None) -> tuple[Any, Any]:
-    """Return ``(model, processor)`` of the bundled fixture ``kind`` ("llava", "llava_next" or "vit").
+    """Return ``(model, processor)`` of the bundled fixture ``kind`` ("llava", "llava_next", "qwen2_5_vl" or "vit").
+
+    The ``qwen2_5_vl`` processor is ``tokenprune.demo.build.ImageOnlyQwen2_5_VLProcessor`` (Qwen2.5-VL's
+    processor without its video processor, which needs torchvision); its images use ``shapes(...,
+    aspect="mixed")`` and its prompt ``prompt(q, "qwen2_5_vl")``.
 
     ``path`` optionally points at another checkpoint folder of the same kind (e.g. a training output).
     Models come back in eval mode, fp32, on CPU. Raises ``ValueError`` for an unknown ``kind`` and
@@ -38,6 +42,13 @@ def load(kind: str = "llava", path: str | Path | None = None) -> tuple[Any, Any]
 
         model = LlavaNextForConditionalGeneration.from_pretrained(path, local_files_only=True)
         processor = LlavaNextProcessor.from_pretrained(path, local_files_only=True)
+    elif kind == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        from .build import ImageOnlyQwen2_5_VLProcessor
+
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, local_files_only=True)
+        processor = ImageOnlyQwen2_5_VLProcessor.from_pretrained(path, local_files_only=True)
     else:
         from transformers import ViTForImageClassification, ViTImageProcessorPil
 
