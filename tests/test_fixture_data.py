@@ -111,3 +111,41 @@ def test_tokenizer_keeps_object_names_whole_and_round_trips_answers():
         assert tok.unk_token_id not in ids, ex["question"]
         answer_ids = tok(ex["answer"], add_special_tokens=False).input_ids
         assert score(ex["kind"], tok.decode(answer_ids), ex) == 1.0, ex["answer"]
+
+
+def test_mixed_aspect_variant():
+    """``aspect="mixed"`` cycles square / wide / tall images; its square examples are the square benchmark's,
+    boxes are normalised by width and height, and every shape stays inside its grid cell."""
+    square = shapes("test", n=30, seed=4)
+    mixed = shapes("test", n=30, seed=4, aspect="mixed")
+    assert [d["image"].size for d in mixed[:3]] == list(G.MIXED_SIZES)
+    assert {(d["kind"], d["image"].size) for d in mixed} == {(k, s) for k in KINDS for s in G.MIXED_SIZES}
+    for i, (a, b) in enumerate(zip(square, mixed, strict=True)):
+        if i % 3 == 0:
+            assert _digest(a["image"]) == _digest(b["image"]) and a["question"] == b["question"]
+        w, h = b["image"].size
+        for o in b["objects"]:
+            x0, y0, x1, y1 = o["bbox"]
+            r, c = divmod(o["cell"], 3)
+            assert c * w / 3 - 1 <= x0 < x1 <= (c + 1) * w / 3 + 1 and r * h / 3 - 1 <= y0 < y1 <= (r + 1) * h / 3 + 1
+        if b["kind"] == "box":
+            c_, s_ = b["question"].rstrip(".").split()[-2:]
+            (o,) = [o for o in b["objects"] if o["color"] == c_ and o["shape"] == s_]
+            assert b["box"] == [round(v / d, 2) for v, d in zip(o["bbox"], (w, h, w, h), strict=True)]
+            assert score("box", b["answer"], b) == 1.0
+    with pytest.raises(ValueError, match="aspect"):
+        shapes("test", n=1, aspect="wide")
+
+
+def test_qwen_prompt_and_tokenizer():
+    from tokenprune.demo import build
+
+    tok = build.build_tokenizer(qwen=True)
+    base = build.build_tokenizer()
+    assert {w: tok.convert_tokens_to_ids(w) for w in base.get_vocab()} == base.get_vocab()  # LLaVA ids unchanged
+    text = prompt("Is there a red circle?", "qwen2_5_vl")
+    assert text == "USER: <|vision_start|><|image_pad|><|vision_end|>\nIs there a red circle? ASSISTANT:"
+    words = tok.convert_ids_to_tokens(tok(text).input_ids)
+    assert words == ["<s>", "user:", *build.QWEN_SPECIALS, "is", "there", "a", "red_circle", "?", "assistant:"]
+    with pytest.raises(ValueError, match="kind"):
+        prompt("x", "vit")
