@@ -17,20 +17,21 @@ def examples():
     return shapes("test", n=40, seed=11)
 
 
-def _answers(model, proc, examples, blank: bool = False) -> tuple[list[str], torch.Tensor]:
-    """(greedy answers, input ids) of one padded batch; ``blank`` replaces every image by a uniform dark one,
-    which removes the visual information."""
+def _answers(model, proc, examples, blank: bool = False, kind: str = "llava") -> tuple[list[str], torch.Tensor]:
+    """(greedy answers, input ids) of one padded batch (``kind``'s prompt); ``blank`` replaces every image by a
+    uniform dark one, which removes the visual information."""
     assert proc.tokenizer.padding_side == "left"
     imgs = [Image.new("RGB", ex["image"].size, (30, 30, 30)) if blank else ex["image"] for ex in examples]
-    inp = proc(images=imgs, text=[prompt(ex["question"]) for ex in examples], return_tensors="pt", padding=True)
+    inp = proc(images=imgs, text=[prompt(ex["question"], kind) for ex in examples], return_tensors="pt",
+               padding=True)
     with torch.no_grad():
         out = model.generate(**inp, max_new_tokens=12, do_sample=False)
     return proc.tokenizer.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True), inp["input_ids"]
 
 
-def _vlm_accuracy(model, proc, examples, blank: bool = False) -> tuple[float, torch.Tensor]:
+def _vlm_accuracy(model, proc, examples, blank: bool = False, kind: str = "llava") -> tuple[float, torch.Tensor]:
     """(accuracy, input ids) of :func:`_answers`."""
-    preds, ids = _answers(model, proc, examples, blank)
+    preds, ids = _answers(model, proc, examples, blank, kind)
     sc = [score(ex["kind"], p, ex) for ex, p in zip(examples, preds, strict=True)]
     return sum(sc) / len(sc), ids
 
@@ -93,6 +94,29 @@ def test_llava_next_fixture(examples):
     box_preds, _ = _answers(model, proc, boxes)
     assert all(p.lstrip().startswith("[") for p in box_preds), box_preds
     assert sum(parse_box(p) is not None for p in box_preds) >= len(boxes) - 2, box_preds
+
+
+def test_qwen2_5_vl_fixture(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, proc = load("qwen2_5_vl")
+    cfg, vc = model.config, model.config.vision_config
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(proc.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    assert 0 < len(vc.fullatt_block_indexes) < vc.depth  # full-attention and windowed tower blocks
+    assert vc.spatial_merge_size == 2 and vc.window_size < 192  # a window is smaller than the tower input
+    assert sum(cfg.text_config.rope_parameters["mrope_section"]) * 2 == cfg.text_config.hidden_size // 4  # M-RoPE
+    data = shapes("test", n=40, seed=11, aspect="mixed")
+    acc, ids = _vlm_accuracy(model, proc, data, kind="qwen2_5_vl")
+    per_image = (ids == cfg.image_token_id).sum(1)
+    assert per_image[0] == 144 and per_image[1] == per_image[2] == 150  # 12 x 12, 10 x 15, 15 x 10 after merging
+    # M-RoPE: the wide image's visual tokens span 10 rows and 15 columns in the h / w position rows
+    inp = proc(images=[data[1]["image"]], text=[prompt(data[1]["question"], "qwen2_5_vl")], return_tensors="pt")
+    pos, _ = model.model.get_rope_index(inp["input_ids"], inp["mm_token_type_ids"], inp["image_grid_thw"])
+    img = inp["input_ids"][0] == cfg.image_token_id
+    assert [len(set(pos[r, 0, img].tolist())) for r in range(3)] == [1, 10, 15]
+    acc_blank, _ = _vlm_accuracy(model, proc, data, blank=True, kind="qwen2_5_vl")
+    assert acc >= ACC_QWEN, acc
+    assert acc >= acc_blank + 0.4, (acc, acc_blank)
 
 
 def test_vit_fixture():
