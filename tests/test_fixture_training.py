@@ -102,3 +102,33 @@ def test_losses_reach_the_target_heads_only_when_asked(tok):
             assert cnt.item() > 0 and grad is not None and float(grad.abs().sum()) > 0
         for layer in lm.model.layers:
             layer.self_attn._forward_pre_hooks.clear()
+
+
+def test_patch_info_on_a_non_square_token_grid():
+    """A 288 x 192 image on Qwen's 10 x 15 token grid: each object's centre token and its box (normalised by
+    width and height), foreground only where the object is."""
+    _, objs, _ = S.make_scene("val", 3, 1, size=(288, 192))
+    info = C.patch_info(objs, (10, 15), (288, 192))
+    assert info["who"].shape == (150,)
+    for k, o in enumerate(objs):
+        x0, y0, x1, y1 = o["bbox"]
+        (c,) = (info["center_who"] == k).nonzero()[0]
+        assert divmod(int(c), 15) == (int((y0 + y1) / 2) * 10 // 192, int((x0 + x1) / 2) * 15 // 288)
+        np.testing.assert_allclose(info["box"][c], [x0 / 288, y0 / 192, x1 / 288, y1 / 192], rtol=1e-6)
+        for t in (info["who"] == k).nonzero()[0]:
+            r, col = divmod(int(t), 15)
+            assert x0 - 19.2 < (col + 0.5) * 19.2 < x1 + 19.2 and y0 - 19.2 < (r + 0.5) * 19.2 < y1 + 19.2
+
+
+def test_relative_symbolic_tokens_move_with_the_scene(tok):
+    """``Symbolic(relative=True)`` carries no absolute position: shifting every object by one token shifts the
+    tokens by one position and changes nothing else (the absolute variant changes)."""
+    _, objs, _ = S.make_scene("val", 3, 4, max_n=2)
+    objs = [{**o, "bbox": (o["bbox"][0] % 48 + 16, o["bbox"][1], o["bbox"][0] % 48 + 16 + o["bbox"][2] - o["bbox"][0],
+                           o["bbox"][3]), "cell": o["cell"] - o["cell"] % 3} for o in objs]
+    moved = [{**o, "bbox": (o["bbox"][0] + 16, o["bbox"][1], o["bbox"][2] + 16, o["bbox"][3])} for o in objs]
+    torch.manual_seed(0)
+    for relative in (True, False):
+        sym = C.Symbolic(tok, 32, grid=14, own_table=True, relative=relative)
+        a, b = (sym(None, C.stack_info([C.patch_info(o)]))[0].view(14, 14, -1) for o in (objs, moved))
+        assert torch.allclose(a[:, :-1], b[:, 1:], atol=1e-6) == relative
