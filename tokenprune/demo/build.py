@@ -154,13 +154,20 @@ QWEN_MAX_PIXELS = 40000  # a 224 x 224 image -> 192 x 192 tower input (12 x 12 =
 
 def qwen2_5_vl_config(tok: PreTrainedTokenizerFast, layers: int = 8, hidden: int = 128, ffn: int = 384,
                       rope_theta: float = 1e6, vision_hidden: int = 96, vision_depth: int = 4,
-                      fullatt: tuple[int, ...] = (1, 3), window: int = 64) -> Qwen2_5_VLConfig:
+                      fullatt: tuple[int, ...] = (1, 3), window: int = 64,
+                      mrope_section: tuple[int, int, int] = (1, 2, 13)) -> Qwen2_5_VLConfig:
     """Qwen2.5-VL layout: windowed vision tower (patch 8, 2D RoPE, ``window`` px windows = 4 x 4 merged
     units, full attention in blocks ``fullatt``), 2x2 patch merger, Qwen2 LM (qkv biases, 4 heads / 2 KV
-    heads) with M-RoPE (``mrope_section`` [4, 6, 6] of the 16 rotary frequencies: t, h, w)."""
+    heads) with M-RoPE: ``mrope_section`` splits the 16 rotary frequencies (highest first) into t, h, w.
+    The tower has no absolute position embedding, so the LM learns where a token is from its h / w
+    positions; with RoPE base 1e6 and 16 frequencies, Qwen's proportions ([4, 6, 6]) would leave w only
+    frequencies below 2e-4 rad per token (invisible over 15 columns), so h gets frequencies 1-2 (0.42,
+    0.18 rad per token) and w frequency 3 on (0.075, 0.032, ...). Text positions (equal in t, h, w) rotate
+    as 1-D RoPE whatever the split."""
     text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": [4, 6, 6]},
+                rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
+                                 "mrope_section": list(mrope_section)},
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=4,
                   patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2, window_size=window,
