@@ -48,12 +48,17 @@ PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
 @functools.lru_cache(maxsize=1)
 def tokenizer() -> PreTrainedTokenizerFast:
+    return _bpe_tokenizer(("<image>",))
+
+
+def _bpe_tokenizer(image_tokens: tuple[str, ...]) -> PreTrainedTokenizerFast:
+    """A byte-level BPE over CORPUS with the shared specials and a model family's image tokens, left padding."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=300,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>", *image_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)
@@ -244,20 +249,7 @@ QWEN_PATCH = 8
 
 @functools.lru_cache(maxsize=1)
 def qwen_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>", *QWEN_SPECIAL],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-    hf.padding_side = "left"
-    return hf
+    return _bpe_tokenizer(tuple(QWEN_SPECIAL))
 
 
 def _qwen_ids() -> dict:
