@@ -1,5 +1,5 @@
-"""vLLM serving benchmark (issue #20): the bundled LLaVA fixture served by vLLM's async engine (the one
-``vllm serve`` wraps: engine core in its own process, continuous batching), unpruned vs tokenprune's
+"""vLLM serving benchmark (issue #20): a bundled fixture (``--kind``, default LLaVA) served by vLLM's async
+engine (the one ``vllm serve`` wraps: engine core in its own process, continuous batching), unpruned vs tokenprune's
 plugin per method at ``--budgets``. Per variant and concurrency (1 / 8 / 32 clients, each sending its
 next request when the previous one finishes): requests/s, generated tokens/s, p50 time to first token
 and p50 latency; the concurrency-32 cell is the shapes test split (first ``--n`` examples), whose
@@ -29,17 +29,23 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tokenprune.demo import checkpoint_path, prompt, score, shapes  # noqa: E402
+from evals.vllm_agreement import (  # noqa: E402
+    MAX_NEW_TOKENS,
+    METHODS,
+    engine_args,
+    examples_of,
+    request,
+    versions,
+    write,
+)
+from tokenprune.demo import score  # noqa: E402
 
-METHODS = ("random", "uniform", "visionzip", "hired")
 CONCURRENCY = (1, 8, 32)
-MAX_TOKENS = 12
 
 
-async def _one(engine: Any, example: dict, sp: Any) -> dict[str, Any]:
+async def _one(engine: Any, req: dict, sp: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     first, out = None, None
-    req = {"prompt": prompt(example["question"]), "multi_modal_data": {"image": example["image"]}}
     async for out in engine.generate(req, sp, request_id=uuid.uuid4().hex):
         if first is None and out.outputs and out.outputs[0].token_ids:
             first = time.perf_counter() - t0
@@ -48,10 +54,10 @@ async def _one(engine: Any, example: dict, sp: Any) -> dict[str, Any]:
             "tokens": len(out.outputs[0].token_ids), "prompt_tokens": len(out.prompt_token_ids)}
 
 
-async def _cell(engine: Any, examples: list[dict], concurrency: int, sp: Any) -> dict[str, Any]:
-    """``concurrency`` clients working through ``examples`` (closed loop)."""
-    queue = list(enumerate(examples))
-    results: list[dict | None] = [None] * len(examples)
+async def _cell(engine: Any, reqs: list[dict], concurrency: int, sp: Any) -> dict[str, Any]:
+    """``concurrency`` clients working through ``reqs`` (closed loop)."""
+    queue = list(enumerate(reqs))
+    results: list[dict | None] = [None] * len(reqs)
 
     async def client() -> None:
         while queue:
@@ -75,22 +81,23 @@ async def _cell(engine: Any, examples: list[dict], concurrency: int, sp: Any) ->
     }
 
 
-async def _variant(method: str | None, budget: float, examples: list[dict], sizes: dict[int, int]) -> dict[str, Any]:
+async def _variant(
+    method: str | None, budget: float, kind: str, examples: list[dict], sizes: dict[int, int]
+) -> dict[str, Any]:
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    over = {"tokenprune": {"method": method, "budget": budget}} if method else {}
-    args = AsyncEngineArgs(model=str(checkpoint_path("llava")), max_model_len=512, dtype="float32", seed=0,
-                           enforce_eager=True, limit_mm_per_prompt={"image": 1}, hf_overrides=over,
-                           max_num_seqs=32, enable_prefix_caching=False)
+    args = AsyncEngineArgs(**engine_args(method, budget, kind, max_model_len=512, max_num_seqs=32,
+                                         enable_prefix_caching=False))
     t0 = time.perf_counter()
     engine = AsyncLLM.from_engine_args(args)
     startup = time.perf_counter() - t0
-    sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    sp = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0)
+    reqs = [request(e, kind) for e in examples]
     try:
-        await _cell(engine, examples[:4], 4, sp)  # warm-up
-        cells = [await _cell(engine, examples[: sizes[c]], c, sp) for c in CONCURRENCY]
+        await _cell(engine, reqs[:4], 4, sp)  # warm-up
+        cells = [await _cell(engine, reqs[: sizes[c]], c, sp) for c in CONCURRENCY]
     finally:
         engine.shutdown()
         del engine
@@ -107,44 +114,37 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.1])
+    ap.add_argument("--kind", default="llava", choices=["llava", "llava_next", "qwen2_5_vl"], help="bundled fixture")
     ap.add_argument("--n", type=int, default=100, help="shapes test examples in the concurrency-32 cell (accuracy)")
     ap.add_argument("--out", default=str(ROOT / "evals" / "results" / "bench_vllm"))
     args = ap.parse_args()
-    examples = shapes("test", args.n)
+    examples = examples_of(args.kind, args.n)
     sizes = {1: 8, 8: 32, 32: args.n}
     variants = [(None, 1.0)] + [(m, b) for m in args.methods for b in args.budgets]
     t0 = time.time()
     rows = []
     for method, budget in variants:
-        rows.append(asyncio.run(_variant(method, budget, examples, sizes)))
+        rows.append(asyncio.run(_variant(method, budget, args.kind, examples, sizes)))
         print(json.dumps(rows[-1]), flush=True)
-    import torch
-    import transformers
-    import vllm
-
     result = {
-        "model": "bundled llava fixture (CLIP 3 layers, 196 visual tokens; Llama 8 layers, hidden 128), fp32",
+        "model": f"bundled {args.kind} fixture, fp32",
         "engine": "vLLM AsyncLLM (engine core in a separate process), enforce_eager, max_num_seqs 32, "
                   "prefix caching off",
         "requests_per_cell": sizes,
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": MAX_NEW_TOKENS,
         "rows": rows,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": versions(),
         "seconds": round(time.time() - t0, 1),
         "command": "python evals/bench_vllm.py " + " ".join(sys.argv[1:]),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write(Path(args.out), result, markdown(result))
 
 
 def markdown(result: dict) -> str:
     base = {c["concurrency"]: c for c in result["rows"][0]["cells"]}
     lines = [
-        "# vLLM serving benchmark: tokenprune plugin vs unpruned (bundled LLaVA fixture, CPU)",
+        f"# vLLM serving benchmark: tokenprune plugin vs unpruned ({result['model']}, CPU)",
         "",
         f"{result['engine']}; greedy, at most {result['max_tokens']} new tokens; requests per concurrency level "
         f"{result['requests_per_cell']} (the 32-client cell is the shapes test split, scored); "

@@ -11,11 +11,12 @@ import tokenprune
 from tokenprune.adapters import anatomy_of
 from tokenprune.demo import load, prompt, shapes
 from tokenprune.errors import BudgetError, MethodArgumentError, SiteError, UnknownMethodError
+from tokenprune.methods import build
 from tokenprune.vllm.context import TowerCapture, dry_run_counts, image_context, select
 from tokenprune.vllm.positions import decode_shifts, encode_shifts, prompt_positions
 from tokenprune.vllm.spec import build_spec, hf_anatomy, raw_spec
 
-SERVED = ["random", "uniform", "visionzip", "hired"]
+SERVED = ["random", "uniform", "visionzip", "hired", "divprune", "vispruner", "pool"]
 
 
 @pytest.fixture(scope="module", params=["llava", "llava_next"])
@@ -37,7 +38,8 @@ def test_missing_key_means_stock():
         ({"method": "random", "budget": 0.25, "site": "llm"}, SiteError, "inside the LLM"),
         ({"method": "early_exit"}, SiteError, "hooks of its own"),
         ({"method": "tome", "budget": 0.5}, SiteError, "inside the vision encoder"),
-        ({"method": "cdpruner", "budget": 0.25}, SiteError, "not served by the vLLM plugin yet"),
+        ({"method": "cdpruner", "budget": 0.25}, SiteError, "instruction text.*without the prompt"),
+        ({"method": "dart", "budget": 0.25}, SiteError, "inside the LLM"),
         ({"method": "nope", "budget": 0.25}, UnknownMethodError, "unknown method 'nope'"),
         ({"method": "random", "budget": 1.5}, BudgetError, r"budget: must be a number in \(0, 1\]"),
         ({"method": "random", "budget": 0.25, "sead": 1}, MethodArgumentError, r"unknown parameter\(s\) \['sead'\]"),
@@ -116,6 +118,19 @@ def test_context_from_tower_tensors_selects_the_hf_kept_sets(fixture, method):
     assert chosen.shape[:2] == kept.shape
     counts = dry_run_counts(spec.stage, layouts)
     assert counts == [ref.numel() for ref in hf_kept]
+
+
+def test_served_context_refuses_the_prompt(fixture):
+    """A stage that reads the instruction (CDPruner) fails loudly in a served context, never silently
+    choosing without it: vLLM encodes an image without its request's text."""
+    model, proc, anatomy = fixture
+    ex = shapes("test", 1)[0]
+    inp = proc(images=[ex["image"]], text=[prompt(ex["question"])], return_tensors="pt")
+    n = int((inp["input_ids"] == model.config.image_token_id).sum())
+    layouts = anatomy.layouts([n], {"image_sizes": inp.get("image_sizes")})
+    stage = build("cdpruner").stages(anatomy, 0.25)[0]
+    with pytest.raises(SiteError, match="without the prompt"):
+        dry_run_counts(stage, layouts)
 
 
 def test_shift_channels_round_trip_in_bf16():

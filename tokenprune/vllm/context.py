@@ -19,6 +19,8 @@ from ..core.masks import gather_cols
 from ..core.select import pad_rows
 from ..core.stage import Context, Stage
 from ..core.state import row_meta, take_meta
+from ..errors import SiteError
+from .spec import PROMPT_REASON
 
 
 @dataclass
@@ -87,7 +89,9 @@ def image_context(
     for b, (f, tr) in enumerate(zip(features, tower_rows)):
         row_feats[b, : f.shape[0]] = f
         tower_row[b, : f.shape[0]] = tr
-    scorers = tower_scorers(capture, geometry, tower_row) if capture is not None else {}
+    scorers = {"instruction": reads_prompt, "embed": reads_prompt}  # an image is encoded without its prompt
+    if capture is not None:
+        scorers.update(tower_scorers(capture, geometry, tower_row))
     return Context("pre_llm", -1, cand, geometry, row_feats, scorers, project=project)
 
 
@@ -98,6 +102,12 @@ def select(stage: Stage, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
     sel, feats = sel if isinstance(sel, tuple) else (sel, gather_cols(ctx.features, sel.to(ctx.features.device)))
     kept = torch.where(sel >= 0, torch.gather(ctx.orig, 1, sel.clamp(min=0).cpu()), -1)
     return kept, feats
+
+
+def reads_prompt(**_) -> torch.Tensor:
+    """The ``instruction`` / ``embed`` scorers of a served context: an image's encoding cannot depend on
+    the request's text (see ``spec.PROMPT_REASON``)."""
+    raise SiteError(f"method: a served method may not read the prompt: {PROMPT_REASON}")
 
 
 def dry_run_counts(stage: Stage, layouts: list[ImageLayout]) -> list[int]:

@@ -22,9 +22,15 @@ from ..methods import REGISTRY, Method, build
 KEY = "tokenprune"
 SERVED_SITE = "pre_llm"
 # pre-LLM methods checked in vLLM against the Hugging Face path (tests/vllm_plugin, evals/vllm_agreement.py);
-# other single-stage pre-LLM methods are refused until they are (some read the prompt, which vLLM's per-image
-# encoder cache cannot depend on)
-TESTED = ("random", "uniform", "visionzip", "hired")
+# other single-stage pre-LLM methods are refused until they are
+TESTED = ("random", "uniform", "visionzip", "hired", "divprune", "vispruner", "pool")
+# pre-LLM methods whose choice reads the request's text (the ``instruction`` / ``embed`` scorers)
+READS_PROMPT = ("cdpruner",)
+PROMPT_REASON = (
+    "its choice depends on the request's instruction text, but vLLM encodes each image once, without the "
+    "prompt, and reuses the encoding for every request with the same image (its encoder and prefix caches are "
+    "keyed by the image's hash), so the kept tokens could not follow the prompt"
+)
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,8 @@ def build_spec(raw: dict, anatomy: Anatomy) -> ServeSpec:
     method = build(name, **params)
     stages = method.stages(anatomy, budget)
     why = servable(method, stages)
+    if why is None and method.name in READS_PROMPT:
+        why = f"{method.name} is not served by the vLLM plugin: {PROMPT_REASON}"
     if why is None and method.name not in TESTED:
         why = f"{method.name} is not served by the vLLM plugin yet (not checked against the Hugging Face path there)"
     if why is not None:
