@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from evals.vllm_agreement import (  # noqa: E402
+    KINDS,
     MAX_NEW_TOKENS,
     METHODS,
     engine_args,
@@ -114,7 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.1])
-    ap.add_argument("--kind", default="llava", choices=["llava", "llava_next", "qwen2_5_vl"], help="bundled fixture")
+    ap.add_argument("--kind", default="llava", choices=KINDS, help="bundled fixture")
     ap.add_argument("--n", type=int, default=100, help="shapes test examples in the concurrency-32 cell (accuracy)")
     ap.add_argument("--out", default=str(ROOT / "evals" / "results" / "bench_vllm"))
     args = ap.parse_args()

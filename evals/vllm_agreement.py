@@ -32,9 +32,10 @@ import torch  # noqa: E402
 
 import tokenprune  # noqa: E402
 from tokenprune.demo import checkpoint_path, load, prompt, shapes  # noqa: E402
+from tokenprune.errors import SiteError  # noqa: E402
 
 METHODS = ("random", "uniform", "visionzip", "hired", "divprune", "vispruner", "pool")
-KINDS = ("llava", "llava_next")
+KINDS = ("llava", "llava_next", "qwen2_5_vl")
 MAX_NEW_TOKENS = 12
 IMAGE_TOKEN = 4  # the LLaVA fixtures' <image> id
 
@@ -53,8 +54,9 @@ def engine_args(method: str | None, budget: float, kind: str = "llava", **kwargs
     """Arguments of a vLLM engine (``LLM`` or ``AsyncEngineArgs``) on fixture ``kind`` (or ``model=``): with
     tokenprune's plugin at ``method``/``budget``, or without the ``tokenprune`` key (``method=None``)."""
     over = {"tokenprune": {"method": method, "budget": budget}} if method else {}
+    limit = {"image": 1, "video": 0} if kind == "qwen2_5_vl" else {"image": 1}  # Qwen: no videos while pruning
     args = dict(model=str(checkpoint_path(kind)), max_model_len=2048, enforce_eager=True, dtype="float32", seed=0,
-                limit_mm_per_prompt={"image": 1}, hf_overrides=over)
+                limit_mm_per_prompt=limit, hf_overrides=over)
     return {**args, **kwargs}
 
 
@@ -161,7 +163,11 @@ def main() -> None:
     t0 = time.time()
     stock_run = vllm_run(None, 1.0, examples, args.kind)
     for method in args.methods:
-        hf = hf_answers(method, args.budget, examples, kind=args.kind)
+        try:
+            hf = hf_answers(method, args.budget, examples, kind=args.kind)
+        except SiteError as err:  # refused on this architecture by tokenprune.patch (and so by the plugin)
+            result["methods"][method] = {"refused": str(err)}
+            continue
         vl = vllm_run(method, args.budget, examples, args.kind)
         vl_full = vllm_run(method, 1.0, examples, args.kind)
         result["methods"][method] = {
@@ -205,6 +211,9 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for m, r in result["methods"].items():
+        if "refused" in r:
+            lines.append(f"| {m} | refused (as by `tokenprune.patch`): {r['refused'].split(';')[0]} | | | |")
+            continue
         lines.append(
             f"| {m} | {r['answers_equal']}/{n} ({100 * r['answers_equal_share']:.0f} %) | "
             f"{r.get('kept_sets_equal', '-')}/{n} | {r['lengths_equal']}/{n} | {r['budget_1_equals_stock']}/{n} |"

@@ -13,7 +13,7 @@ from tokenprune.demo import load, prompt, shapes
 from tokenprune.errors import BudgetError, MethodArgumentError, SiteError, UnknownMethodError
 from tokenprune.methods import build
 from tokenprune.vllm.context import TowerCapture, dry_run_counts, image_context, select
-from tokenprune.vllm.positions import decode_shifts, encode_shifts, prompt_positions
+from tokenprune.vllm.positions import decode_offsets, encode_offsets, prompt_positions
 from tokenprune.vllm.spec import build_spec, hf_anatomy, raw_spec
 
 SERVED = ["random", "uniform", "visionzip", "hired", "divprune", "vispruner", "pool"]
@@ -133,24 +133,24 @@ def test_served_context_refuses_the_prompt(fixture):
         dry_run_counts(stage, layouts)
 
 
-def test_shift_channels_round_trip_in_bf16():
-    kept = torch.tensor([3, 200, 1999, 2879])
+def test_offset_channels_round_trip_in_bf16():
+    offsets = torch.tensor([[3, 0, 5], [200, 1, 7], [1999, 2, 0], [2879, 3, 127]])
     emb = torch.randn(4, 8).to(torch.bfloat16)
-    packed = encode_shifts(emb, kept)
-    assert packed.shape == (4, 11)
-    back, shifts = decode_shifts(packed)
+    packed = encode_offsets(emb, offsets)
+    assert packed.shape == (4, 8 + 3 * 3)
+    back, got = decode_offsets(packed, 3)
     assert torch.equal(back, emb)
-    assert torch.equal(shifts, kept - torch.arange(4))
-    with pytest.raises(ValueError, match="ascending"):
-        encode_shifts(emb[:2], torch.tensor([5, 1]))
+    assert torch.equal(got, offsets)
+    with pytest.raises(ValueError, match="position offsets"):
+        encode_offsets(emb[:1], torch.tensor([[-1]]))
 
 
 def test_prompt_positions_keep_original_text_positions():
     # text 0..2, image at 3 keeps 2 of 5, text after, a second image at 8 keeps 1 of 4, text after
     pos, delta = prompt_positions(11, [(3, 2, 5), (8, 1, 4)])
     assert pos.shape == (3, 11) and torch.equal(pos[0], pos[2])
-    assert pos[0].tolist() == [0, 1, 2, 3, 4, 8, 9, 10, 11, 15, 16]
+    assert pos[0].tolist() == [0, 1, 2, 3, 3, 8, 9, 10, 11, 15, 16]
     assert delta == (5 - 2) + (4 - 1)  # decoding continues from the unpruned length
-    # kept image tokens land at start + original index once their shifts are added
-    _, shifts = decode_shifts(encode_shifts(torch.zeros(2, 1), torch.tensor([1, 4])))
-    assert (pos[0, 3:5] + shifts).tolist() == [3 + 1, 3 + 4]
+    # kept image tokens land at start + original index once their offsets are added
+    _, offsets = decode_offsets(encode_offsets(torch.zeros(2, 1), torch.tensor([[1], [4]])), 1)
+    assert (pos[0, 3:5] + offsets[:, 0]).tolist() == [3 + 1, 3 + 4]

@@ -26,6 +26,7 @@ import inspect
 import torch
 from torch import nn
 
+from ..core.scoring import segment_received_attention
 from .base import Anatomy, ImageLayout, LLMParts, Modality, Sequence, VisionParts, frames_layout
 from .llava import llm_parts
 
@@ -66,6 +67,18 @@ def _window_order(visual: nn.Module, grid: torch.Tensor) -> torch.Tensor | None:
     return torch.argsort(window_index)
 
 
+def per_merged_unit(
+    values: torch.Tensor, unit: int, order: torch.Tensor | None, sizes: list[int]
+) -> list[torch.Tensor]:
+    """Per-patch values of a packed tower call (N, ...) as per-item values of its merged units in the
+    LLM's order: averaged over each unit's ``unit`` consecutive patches, un-permuted by ``order`` (the
+    inverse window permutation, None without windows) and split into items of ``sizes`` units."""
+    units = values.reshape(-1, unit, *values.shape[1:]).mean(1)
+    if order is not None:
+        units = units[order.to(units.device)]
+    return list(units.split(sizes))
+
+
 def packed_scorers(visual: nn.Module):
     """Scores of the packed tower from one encoder call's captured blocks, one tensor per image or
     video, per merged unit in the LLM's order. ``received_attention(layer, heads)``: the attention
@@ -82,11 +95,7 @@ def packed_scorers(visual: nn.Module):
         grid = inputs.get("image_grid_thw", inputs.get("video_grid_thw"))
 
         def per_unit(values: torch.Tensor) -> list[torch.Tensor]:
-            units = values.reshape(-1, unit, *values.shape[1:]).mean(1)
-            order = _window_order(visual, grid)
-            if order is not None:
-                units = units[order.to(units.device)]
-            return list(units.split((grid.prod(-1) // unit).tolist()))
+            return per_merged_unit(values, unit, _window_order(visual, grid), (grid.prod(-1) // unit).tolist())
 
         def qk(layer: int):
             kw = capture.get(("kwargs", layer))
@@ -99,13 +108,9 @@ def packed_scorers(visual: nn.Module):
         def received_attention(layer: int, heads: str = "mean") -> list[torch.Tensor]:
             attn, kw, q, k = qk(layer)
             q, k = rope(q, k, *kw["position_embeddings"])
-            cu = kw["cu_seqlens"].tolist()
-            out = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
-            for s, e in zip(cu[:-1], cu[1:]):
-                logits = q[s:e].transpose(0, 1).float() @ k[s:e].transpose(0, 1).float().transpose(-1, -2)
-                got = (logits * attn.scaling).softmax(-1).mean(1)  # (H, n): received, mean over queries
-                out[s:e] = got.sum(0) if heads == "sum" else got.mean(0)
-            return per_unit(out)
+            got = segment_received_attention(q.transpose(0, 1), k.transpose(0, 1), kw["cu_seqlens"].tolist(),
+                                             attn.scaling)
+            return per_unit(got.sum(0) if heads == "sum" else got.mean(0))
 
         def keys(layer: int) -> list[torch.Tensor]:
             return per_unit(qk(layer)[3].mean(1))

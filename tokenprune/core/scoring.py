@@ -109,6 +109,18 @@ def received_attention(attn: nn.Module, hidden: torch.Tensor, num_heads: int, sc
     return ((q.float() @ k.float().transpose(-1, -2)) * scale).softmax(-1).mean(2)
 
 
+def segment_received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: list[int], scale: float) -> torch.Tensor:
+    """:func:`received_attention` in a packed sequence: queries and keys (H, N, d) of several
+    attention segments (``cu_seqlens``: their boundaries, as a packed tower's blocks attend within
+    images or windows); each token's attention received from the queries of its segment, mean over
+    them: (H, N), float32."""
+    out = torch.zeros(q.shape[:2], dtype=torch.float32, device=q.device)
+    for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        logits = q[:, s:e].float() @ k[:, s:e].float().transpose(-1, -2)
+        out[:, s:e] = (logits * scale).softmax(-1).mean(1)
+    return out
+
+
 def mean_keys(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Keys averaged over heads (B, N, d): ToMe's and VisionZip's similarity metric."""
     return _heads(attn.k_proj, hidden, attn.head_dim).mean(1)

@@ -20,6 +20,7 @@ _REGISTERED = False
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "tokenprune.vllm.llava:TokenpruneLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "tokenprune.vllm.llava_next:TokenpruneLlavaNextForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "tokenprune.vllm.qwen2_5_vl:TokenpruneQwen2_5_VLForConditionalGeneration",
 }
 
 

@@ -38,8 +38,9 @@ def enable_original_positions(model_config: Any) -> None:
     text = model_config.hf_config.get_text_config()
     rope = dict(getattr(text, "rope_parameters", None) or {"rope_type": "default"})
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    rope["mrope_section"] = mrope_section(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
-    text.rope_parameters = rope
+    if "mrope_section" not in rope:  # a 1-D RoPE model (an M-RoPE one, as Qwen2.5-VL, has its own)
+        rope["mrope_section"] = mrope_section(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+        text.rope_parameters = rope
     # vLLM compiles Llama-style language models for 1-D positions (dim 0 dynamic); (3, L) M-RoPE positions
     # would be specialised to one length, so a pruned model runs eagerly (no torch.compile, no CUDA graphs)
     model_config.enforce_eager = True
@@ -77,6 +78,12 @@ def hook_for(previous: type | None) -> type:
                 raise SiteError(
                     "mm_encoder_tp_mode: 'data' splits a batch's images over ranks, but the selection reads every "
                     "image's encoder attention on each rank; allowed with tokenprune: 'weights'"
+                )
+            videos = any(m.name == "video" for m in spec.anatomy.sequence.modalities)
+            if videos and mm.get_limit_per_prompt("video") != 0:
+                raise SiteError(
+                    "limit_mm_per_prompt: tokenprune prunes this model's images; its videos are not served while "
+                    "pruning: start the engine with limit_mm_per_prompt={'image': N, 'video': 0}"
                 )
 
     return TokenpruneConfig

@@ -42,6 +42,33 @@ class TowerCapture:
     grid: tuple[int, int]
     reduce: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
 
+    def scorers(self, geometry: dict[str, torch.Tensor], tower_row: torch.Tensor) -> dict:
+        return tower_scorers(self, geometry, tower_row)
+
+
+@dataclass
+class PackedCapture:
+    """What a packed tower (Qwen2.5-VL: the images of one encoder call in one sequence, windowed
+    blocks, no CLS) gave, as per-image scores: ``scores[name](layer, **kw)`` returns one tensor per
+    image (N_b, ...), token for token as the LLM sees them (``received_attention``, ``keys``)."""
+
+    scores: dict[str, Callable[..., list[torch.Tensor]]]
+
+    def scorers(self, geometry: dict[str, torch.Tensor], tower_row: torch.Tensor) -> dict:
+        width = tower_row.shape[1]
+
+        def make(name: str):
+            def score(layer: int, **kwargs) -> torch.Tensor:
+                per_image = self.scores[name](layer, **kwargs)
+                out = per_image[0].new_zeros(len(per_image), width, *per_image[0].shape[1:])
+                for b, v in enumerate(per_image):
+                    out[b, : v.shape[0]] = v
+                return out
+
+            return score
+
+        return {name: make(name) for name in self.scores}
+
 
 def tower_scorers(capture: TowerCapture, geometry: dict[str, torch.Tensor], tower_row: torch.Tensor) -> dict:
     """``cls_attention``, ``keys`` and ``hidden`` per candidate, as the HF pre-LLM site defines them:
@@ -76,12 +103,12 @@ def image_context(
     features: list[torch.Tensor],
     layouts: list[ImageLayout],
     tower_rows: list[torch.Tensor],
-    capture: TowerCapture | None,
+    capture: TowerCapture | PackedCapture | None,
     project: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> Context:
     """The context of one encoder call: row b holds image b's tokens (``features[b]`` (N_b, H) in
     the order they would reach the LLM, laid out by ``layouts[b]``); ``tower_rows[b]`` (N_b,) is the
-    tower row (crop) of each of them."""
+    tower row (crop) of each of them (read by a :class:`TowerCapture`)."""
     cand = pad_rows([torch.arange(f.shape[0]) for f in features])
     geometry = take_meta(row_meta([[lay] for lay in layouts]), cand)
     row_feats = features[0].new_zeros(len(features), cand.shape[1], features[0].shape[-1])
@@ -91,7 +118,7 @@ def image_context(
         tower_row[b, : f.shape[0]] = tr
     scorers = {"instruction": reads_prompt, "embed": reads_prompt}  # an image is encoded without its prompt
     if capture is not None:
-        scorers.update(tower_scorers(capture, geometry, tower_row))
+        scorers.update(capture.scorers(geometry, tower_row))
     return Context("pre_llm", -1, cand, geometry, row_feats, scorers, project=project)
 
 
@@ -135,6 +162,7 @@ def dry_run_counts(stage: Stage, layouts: list[ImageLayout]) -> list[int]:
     features = [torch.randn(n, dim, generator=g) for n in n_tok]
     rows = [torch.zeros(n, dtype=torch.long) for n in n_tok]
     ctx = image_context(features, layouts, rows, None, lambda x: x[..., :dim])
-    ctx.scorers.update(cls_attention=fake("att", float("-inf")), keys=fake("keys", 0.0), hidden=fake("hidden", 0.0))
+    att = fake("att", float("-inf"))
+    ctx.scorers.update(cls_attention=att, received_attention=att, keys=fake("keys", 0.0), hidden=fake("hidden", 0.0))
     kept, _ = select(stage, ctx)
     return (kept >= 0).sum(-1).tolist()

@@ -8,14 +8,13 @@ from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
-    LlavaImageEmbeddingInputs,
     LlavaProcessingInfo,
     PixtralHFProcessingInfo,
     _build_llava_or_pixtral_hf_processor,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .model import TOWER_NAMES, PrunedInfo, PrunedModel
+from .model import TOWER_NAMES, LlavaFamily, PrunedInfo
 
 
 class TokenpruneLlavaProcessingInfo(PrunedInfo, LlavaProcessingInfo):
@@ -31,20 +30,11 @@ def _info(ctx):
 @MULTIMODAL_REGISTRY.register_processor(
     _build_llava_or_pixtral_hf_processor, info=_info, dummy_inputs=LlavaDummyInputsBuilder
 )
-class TokenpruneLlavaForConditionalGeneration(PrunedModel, LlavaForConditionalGeneration, SupportsMRoPE):
+class TokenpruneLlavaForConditionalGeneration(LlavaFamily, LlavaForConditionalGeneration, SupportsMRoPE):
     """Stock vLLM LLaVA plus tokenprune's pre-LLM stage (active when the config has a ``tokenprune`` entry)."""
 
     hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | TOWER_NAMES
     stock_info = LlavaProcessingInfo
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._tokenprune_init(vllm_config)
-
-    def _process_image_input(self, image_input):
-        if self._spec is None:
-            return super()._process_image_input(image_input)
-        if isinstance(image_input, LlavaImageEmbeddingInputs):
-            return self._keep_all(image_input["data"])
-        features = list(super()._process_image_input(image_input))
-        return self._prune(features, None, list(range(len(features))))  # one tower row per image
+    def _geometry(self, image_input, features):
+        return {"image_sizes": None}, list(range(len(features)))  # one tower row per image

@@ -10,13 +10,12 @@ from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import (
     LlavaNextForConditionalGeneration,
-    LlavaNextImageEmbeddingInputs,
     LlavaNextMultiModalProcessor,
     LlavaNextProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .model import TOWER_NAMES, PrunedInfo, PrunedModel
+from .model import TOWER_NAMES, LlavaFamily, PrunedInfo
 
 
 class TokenpruneLlavaNextProcessingInfo(PrunedInfo, LlavaNextProcessingInfo):
@@ -28,25 +27,16 @@ class TokenpruneLlavaNextProcessingInfo(PrunedInfo, LlavaNextProcessingInfo):
 @MULTIMODAL_REGISTRY.register_processor(
     LlavaNextMultiModalProcessor, info=TokenpruneLlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
-class TokenpruneLlavaNextForConditionalGeneration(PrunedModel, LlavaNextForConditionalGeneration, SupportsMRoPE):
+class TokenpruneLlavaNextForConditionalGeneration(LlavaFamily, LlavaNextForConditionalGeneration, SupportsMRoPE):
     """Stock vLLM LLaVA-NeXT plus tokenprune's pre-LLM stage (active when the config has a ``tokenprune`` entry)."""
 
     hf_to_vllm_mapper = LlavaNextForConditionalGeneration.hf_to_vllm_mapper | TOWER_NAMES
     stock_info = LlavaNextProcessingInfo
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._tokenprune_init(vllm_config)
-
-    def _process_image_input(self, image_input):
-        if self._spec is None:
-            return super()._process_image_input(image_input)
-        if isinstance(image_input, LlavaNextImageEmbeddingInputs):
-            return self._keep_all(image_input["data"])
-        features = list(super()._process_image_input(image_input))
+    def _geometry(self, image_input, features):
         pixel_values = image_input["pixel_values"]
         if isinstance(pixel_values, torch.Tensor):  # (B, crops, ...): every image padded to the same crop count
             first_rows = [b * pixel_values.shape[1] for b in range(len(features))]
         else:
             first_rows = torch.tensor([0] + [v.shape[0] for v in pixel_values]).cumsum(0)[:-1].tolist()
-        return self._prune(features, torch.as_tensor(image_input["image_sizes"]).cpu(), first_rows)
+        return {"image_sizes": torch.as_tensor(image_input["image_sizes"]).cpu()}, first_rows
