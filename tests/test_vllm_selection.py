@@ -154,3 +154,58 @@ def test_prompt_positions_keep_original_text_positions():
     # kept image tokens land at start + original index once their offsets are added
     _, offsets = decode_offsets(encode_offsets(torch.zeros(2, 1), torch.tensor([[1], [4]])), 1)
     assert (pos[0, 3:5] + offsets[:, 0]).tolist() == [3 + 1, 3 + 4]
+
+
+QWEN_SERVED = ["random", "uniform", "visionzip", "hired", "divprune", "pool"]
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    model, proc = load("qwen2_5_vl")
+    return model, proc, hf_anatomy(model.config)
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({"method": "vispruner", "budget": 0.25}, "no CLS token"),
+        ({"method": "cdpruner", "budget": 0.25}, "without the prompt"),
+        ({"method": "fastv", "budget": 0.25}, "inside the LLM"),
+    ],
+)
+def test_qwen_refusals(qwen, raw, match):
+    with pytest.raises(SiteError, match=match):
+        build_spec(raw, qwen[2])
+
+
+@pytest.mark.parametrize("method", QWEN_SERVED)
+def test_qwen_counts_and_positions_equal_the_hf_path(qwen, method):
+    """Per mixed-size image: the kept count known before encoding (dry run on the merged grid) equals the
+    HF path's, and the served positions (text unpruned, placeholders at the image start plus each kept
+    token's (t, h, w) offset, decode delta) equal the HF path's original M-RoPE positions of the kept prompt."""
+    model, proc, anatomy = qwen
+    spec = build_spec({"method": method, "budget": 0.25}, anatomy)
+    image_token = model.config.image_token_id
+    for ex in shapes("test", 3, aspect="mixed"):
+        inp = proc(images=[ex["image"]], text=[prompt(ex["question"], "qwen2_5_vl")], return_tensors="pt")
+        with tokenprune.patch(model, method, 0.25) as handle, torch.no_grad():
+            model(**inp)
+            kept = handle.trace.stages[-1].kept[0]
+        kept = kept[kept >= 0]
+        grid = inp["image_grid_thw"]
+        layouts = anatomy.layouts([int((inp["input_ids"] == image_token).sum())], {"image_grid_thw": grid})
+        assert dry_run_counts(spec.stage, layouts) == [kept.numel()]
+        ids = inp["input_ids"][0]
+        full_pos, deltas = model.model.get_rope_index(inp["input_ids"], inp["mm_token_type_ids"], grid)
+        image_cols = (ids == image_token).nonzero().flatten()
+        keep_cols = torch.cat([(ids != image_token).nonzero().flatten(), image_cols[kept]]).sort().values
+        expected = full_pos[:, 0, keep_cols]
+        offset = int(image_cols[0])
+        t, h, w = (int(v) for v in grid[0])
+        pos, delta = prompt_positions(keep_cols.numel(), [(offset, kept.numel(), max(t, h // 2, w // 2))])
+        lay = layouts[0]
+        frame = lay.frame if lay.frame is not None else torch.zeros_like(lay.row)
+        pos[:, offset : offset + kept.numel()] += torch.stack([frame[kept], lay.row[kept], lay.col[kept]])
+        assert torch.equal(pos, expected)
+        # decoding: the HF path continues from the unpruned prompt's next position
+        assert keep_cols.numel() + delta == ids.numel() + int(deltas[0])

@@ -1,8 +1,9 @@
-"""tokenprune's vLLM plugin end to end on the bundled LLaVA fixture: answers and kept sets equal the
-Hugging Face hooks', the prompt holds text + kept tokens, budget 1.0 and the missing key are stock vLLM,
-bad entries fail at engine start with typed errors, and the entry point works in vLLM's multi-process
-mode. Runs only where vLLM is installed (the venv .ci/vllm.sh builds: pip install 'tokenprune-vlm[vllm]');
-engines run in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) except in the multi-process test."""
+"""tokenprune's vLLM plugin end to end on the bundled LLaVA, LLaVA-NeXT and Qwen2.5-VL fixtures: answers
+and kept sets equal the Hugging Face hooks', the prompt holds text + kept tokens, budget 1.0 and the
+missing key are stock vLLM, bad entries fail at engine start with typed errors, and the entry point works
+in vLLM's multi-process mode. Runs only where vLLM is installed (the venv .ci/vllm.sh builds:
+pip install 'tokenprune-vlm[vllm]'); engines run in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) except in
+the multi-process test."""
 
 import gc
 import json
@@ -16,8 +17,16 @@ import pytest
 
 pytest.importorskip("vllm.entrypoints.llm", reason="vLLM not installed: these tests run in the vLLM venv (.ci/vllm.sh)")
 
-from evals.vllm_agreement import IMAGE_TOKEN, hf_answers, vllm_answers, vllm_engine, vllm_run  # noqa: E402
-from tokenprune.demo import checkpoint_path, prompt, shapes  # noqa: E402
+from evals.vllm_agreement import (  # noqa: E402
+    IMAGE_TOKEN,
+    examples_of,
+    hf_answers,
+    request,
+    vllm_answers,
+    vllm_engine,
+    vllm_run,
+)
+from tokenprune.demo import checkpoint_path, shapes  # noqa: E402
 from tokenprune.errors import BudgetError, MethodArgumentError, SiteError  # noqa: E402
 
 N = 8
@@ -67,21 +76,59 @@ def test_bad_entry_fails_at_engine_start(entry, error, match):
     assert isinstance(err, error)
 
 
-@pytest.mark.parametrize("method, kind", [("random", "llava"), ("visionzip", "llava"), ("visionzip", "llava_next")])
-def test_answers_and_kept_sets_equal_the_hf_hooks(method, kind, examples):
+@pytest.mark.parametrize(
+    "method, kind",
+    [
+        ("random", "llava"),
+        ("visionzip", "llava"),
+        ("pool", "llava"),
+        ("visionzip", "llava_next"),
+        ("divprune", "llava_next"),
+        ("visionzip", "qwen2_5_vl"),
+        ("hired", "qwen2_5_vl"),
+        ("divprune", "qwen2_5_vl"),
+    ],
+)
+def test_answers_and_kept_sets_equal_the_hf_hooks(method, kind):
+    examples = examples_of(kind, N)
     hf = hf_answers(method, 0.25, examples, kind=kind)
     llm = vllm_engine(method, 0.25, kind)
-    run = vllm_answers(llm, examples)
-    ex = examples[0]
-    outs = llm.generate({"prompt": prompt(ex["question"]), "multi_modal_data": {"image": ex["image"]}})
+    run = vllm_answers(llm, examples, kind)
+    outs = llm.generate(request(examples[0], kind))
     del llm
     gc.collect()
     assert [a.strip() for a in run["answers"]] == [a.strip() for a in hf["answers"]]
     assert sorted(map(tuple, run["kept"][:N])) == sorted(map(tuple, hf["kept"]))
     assert run["lengths"] == hf["lengths"]  # text + kept tokens
-    assert outs[0].prompt_token_ids.count(IMAGE_TOKEN) == len(hf["kept"][0])
+    image_token = json.loads((checkpoint_path(kind) / "config.json").read_text())["image_token_id"]
+    assert outs[0].prompt_token_ids.count(image_token) == len(hf["kept"][0])
     if kind == "llava":
         assert len(hf["kept"][0]) == round(0.25 * 196)
+
+
+def test_qwen_budget_one_and_no_key_are_the_unpatched_model():
+    """The Qwen fixture cannot be served by vLLM without the plugin (its image-only processor); the plugin
+    without a ``tokenprune`` key, and at budget 1.0, answers as transformers' unpatched model does."""
+    examples = examples_of("qwen2_5_vl", N)
+    hf = hf_answers(None, 1.0, examples, kind="qwen2_5_vl")
+    stock = vllm_run(None, 1.0, examples, "qwen2_5_vl")
+    full = vllm_run("visionzip", 1.0, examples, "qwen2_5_vl")
+    assert [a.strip() for a in stock["answers"]] == [a.strip() for a in hf["answers"]]
+    assert stock["lengths"] == hf["lengths"]
+    assert full["answers"] == stock["answers"] and full["lengths"] == stock["lengths"]
+    assert full["kept"] == []  # nothing selected: the stock code path
+
+
+def test_qwen_videos_refused_at_engine_start_while_pruning():
+    from vllm import LLM
+
+    with pytest.raises(Exception, match="limit_mm_per_prompt") as info:
+        LLM(model=str(checkpoint_path("qwen2_5_vl")), hf_overrides={"tokenprune": {"method": "random", "budget": 0.25}},
+            enforce_eager=True)
+    err = info.value
+    if type(err).__name__ == "ValidationError":
+        err = err.errors()[0]["ctx"]["error"]
+    assert isinstance(err, SiteError)
 
 
 def test_budget_one_is_stock(stock_run, examples):
