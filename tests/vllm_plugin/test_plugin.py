@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoConfig
 
 pytest.importorskip("vllm.entrypoints.llm", reason="vLLM not installed: these tests run in the vLLM venv (.ci/vllm.sh)")
 
@@ -100,7 +101,7 @@ def test_answers_and_kept_sets_equal_the_hf_hooks(method, kind):
     assert [a.strip() for a in run["answers"]] == [a.strip() for a in hf["answers"]]
     assert sorted(map(tuple, run["kept"][:N])) == sorted(map(tuple, hf["kept"]))
     assert run["lengths"] == hf["lengths"]  # text + kept tokens
-    image_token = json.loads((checkpoint_path(kind) / "config.json").read_text())["image_token_id"]
+    image_token = AutoConfig.from_pretrained(checkpoint_path(kind)).image_token_id
     assert outs[0].prompt_token_ids.count(image_token) == len(hf["kept"][0])
     if kind == "llava":
         assert len(hf["kept"][0]) == round(0.25 * 196)
