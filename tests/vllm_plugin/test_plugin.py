@@ -120,12 +120,17 @@ def test_qwen_budget_one_and_no_key_are_the_unpatched_model():
     assert full["kept"] == []  # nothing selected: the stock code path
 
 
-def test_qwen_videos_refused_at_engine_start_while_pruning():
+@pytest.mark.parametrize(
+    "extra, match",
+    [({}, "limit_mm_per_prompt"), ({"limit_mm_per_prompt": {"image": 1, "video": 0}, "video_pruning_rate": 0.5},
+                                   "video_pruning_rate")],
+)
+def test_qwen_videos_refused_at_engine_start_while_pruning(extra, match):
     from vllm import LLM
 
-    with pytest.raises(Exception, match="limit_mm_per_prompt") as info:
+    with pytest.raises(Exception, match=match) as info:
         LLM(model=str(checkpoint_path("qwen2_5_vl")), hf_overrides={"tokenprune": {"method": "random", "budget": 0.25}},
-            enforce_eager=True)
+            enforce_eager=True, **extra)
     err = info.value
     if type(err).__name__ == "ValidationError":
         err = err.errors()[0]["ctx"]["error"]

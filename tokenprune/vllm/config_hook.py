@@ -79,6 +79,11 @@ def hook_for(previous: type | None) -> type:
                     "mm_encoder_tp_mode: 'data' splits a batch's images over ranks, but the selection reads every "
                     "image's encoder attention on each rank; allowed with tokenprune: 'weights'"
                 )
+            if getattr(mm, "is_multimodal_pruning_enabled", lambda: False)():
+                raise SiteError(
+                    "video_pruning_rate: vLLM's own video pruning (EVS) rewrites every image's embeddings and "
+                    "positions as well, which tokenprune's pruning does; use one of them"
+                )
             videos = any(m.name == "video" for m in spec.anatomy.sequence.modalities)
             if videos and mm.get_limit_per_prompt("video") != 0:
                 raise SiteError(
