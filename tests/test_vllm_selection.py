@@ -12,7 +12,7 @@ from tokenprune.adapters import anatomy_of
 from tokenprune.demo import load, prompt, shapes
 from tokenprune.errors import BudgetError, MethodArgumentError, SiteError, UnknownMethodError
 from tokenprune.methods import build
-from tokenprune.vllm.context import TowerCapture, dry_run_counts, image_context, select
+from tokenprune.vllm.context import PackedCapture, TowerCapture, dry_run_counts, image_context, select
 from tokenprune.vllm.positions import decode_offsets, encode_offsets, prompt_positions
 from tokenprune.vllm.spec import build_spec, hf_anatomy, raw_spec
 
@@ -209,3 +209,41 @@ def test_qwen_counts_and_positions_equal_the_hf_path(qwen, method):
         assert torch.equal(pos, expected)
         # decoding: the HF path continues from the unpruned prompt's next position
         assert keep_cols.numel() + delta == ids.numel() + int(deltas[0])
+
+
+@pytest.mark.parametrize("method", ["visionzip", "hired"])
+def test_qwen_packed_context_selects_the_hf_kept_sets(qwen, method):
+    """A PackedCapture fed with the packed tower's per-image scores (here the HF adapter's, from the
+    blocks' own attention inputs; in vLLM the same math on vLLM's modules) and the per-image features
+    selects exactly the HF kept sets, several mixed-size images in one encoder call."""
+    model, proc, anatomy = qwen
+    examples = shapes("test", 3, aspect="mixed")
+    inp = proc(images=[e["image"] for e in examples], text=[prompt(e["question"], "qwen2_5_vl") for e in examples],
+               return_tensors="pt", padding=True)
+    with tokenprune.patch(model, method, 0.25) as handle, torch.no_grad():
+        model(**inp)
+        hf_kept = [r[r >= 0] for r in handle.trace.stages[-1].kept]
+    spec = build_spec({"method": method, "budget": 0.25}, anatomy)
+    vp, blocks = anatomy_of(model).vision, model.model.visual.blocks
+    capture, handles = {"inputs": {"image_grid_thw": inp["image_grid_thw"]}}, []
+
+    def keep(layer):
+        def hook(mod, args, kwargs, out):  # what the HF engine keeps: the attention call's inputs
+            capture[("kwargs", layer)] = {"hidden_states": args[0], **kwargs} if args else kwargs
+
+        return hook
+
+    for layer in sorted(set(spec.stage.capture)):
+        handles.append(blocks[layer].attn.register_forward_hook(keep(layer), with_kwargs=True))
+    with torch.no_grad():
+        feats = model.model.get_image_features(inp["pixel_values"], inp["image_grid_thw"], return_dict=True)
+    for h in handles:
+        h.remove()
+    feats = list(feats.pooler_output)
+    layouts = anatomy.layouts([f.shape[0] for f in feats], {"image_grid_thw": inp["image_grid_thw"]})
+    with torch.no_grad():
+        ctx = image_context(feats, layouts, [torch.zeros(f.shape[0], dtype=torch.long) for f in feats],
+                            PackedCapture(vp.scorers(capture)), None)
+        kept, _ = select(spec.stage, ctx)
+    for b, ref in enumerate(hf_kept):
+        assert torch.equal(kept[b][kept[b] >= 0], ref), (method, b)
