@@ -2,7 +2,8 @@
 engine (the one ``vllm serve`` wraps: engine core in its own process, continuous batching), unpruned vs tokenprune's
 plugin per method at ``--budgets``. Per variant and concurrency (1 / 8 / 32 clients, each sending its
 next request when the previous one finishes): requests/s, generated tokens/s, p50 time to first token
-and p50 latency; the concurrency-32 cell is the shapes test split (first ``--n`` examples), whose
+and p50 latency; each cell serves images no other cell does (vLLM caches encoded images), and the
+concurrency-32 cell is the shapes test split (first ``--n`` examples), whose
 accuracy is reported too. Greedy, 12 new tokens at most (the fixture's answers). One run, variants
 one after another on the same machine; writes ``OUT.json`` and ``OUT.md``.
 
@@ -97,8 +98,11 @@ async def _variant(
     sp = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0)
     reqs = [request(e, kind) for e in examples]
     try:
-        await _cell(engine, reqs[:4], 4, sp)  # warm-up
-        cells = [await _cell(engine, reqs[: sizes[c]], c, sp) for c in CONCURRENCY]
+        # every cell (and the warm-up) on its own images, so that none is served from vLLM's caches of an
+        # earlier cell's images; the last cell is the first sizes[32] examples (scored)
+        starts = dict(zip(CONCURRENCY, [len(reqs) - sizes[1] - sizes[8], len(reqs) - sizes[8], 0]))
+        await _cell(engine, reqs[starts[1] - 4 : starts[1]], 4, sp)  # warm-up
+        cells = [await _cell(engine, reqs[starts[c] : starts[c] + sizes[c]], c, sp) for c in CONCURRENCY]
     finally:
         engine.shutdown()
         del engine
@@ -119,8 +123,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="shapes test examples in the concurrency-32 cell (accuracy)")
     ap.add_argument("--out", default=str(ROOT / "evals" / "results" / "bench_vllm"))
     args = ap.parse_args()
-    examples = examples_of(args.kind, args.n)
     sizes = {1: 8, 8: 32, 32: args.n}
+    examples = examples_of(args.kind, args.n + 4 + sizes[1] + sizes[8])  # scored cell, warm-up, cells 1 and 8
     variants = [(None, 1.0)] + [(m, b) for m in args.methods for b in args.budgets]
     t0 = time.time()
     rows = []
