@@ -6,10 +6,12 @@ Installed with ``pip install tokenprune-vlm[vllm]``; vLLM loads :func:`register`
     LLM(model=path, hf_overrides={"tokenprune": {"method": "visionzip", "budget": 0.25}})
     vllm serve path --hf-overrides '{"tokenprune": {"method": "visionzip", "budget": 0.25}}'
 
-Without the ``tokenprune`` key a model runs as stock vLLM. The served methods are tokenprune's own
-(``stage.select`` of the method, the code the Hugging Face hooks run): those that choose once,
-between the projector and the LLM (random, uniform, visionzip, hired, ...). LLM-internal methods
-(FastV, PyramidDrop, FEATHER) are refused at engine start with a typed error.
+Without the ``tokenprune`` key a model runs as stock vLLM. Served architectures: LLaVA, LLaVA-NeXT,
+Qwen2.5-VL (images). The served methods are tokenprune's own (``stage.select`` of the method, the code
+the Hugging Face hooks run): those that choose once, between the projector and the LLM, without reading
+the prompt (``spec.TESTED``: random, uniform, visionzip, hired, divprune, vispruner, pool). Others
+(LLM-internal FastV, PyramidDrop, FEATHER; CDPruner, which reads the prompt) are refused at engine
+start with a typed error.
 """
 
 from __future__ import annotations
