@@ -144,18 +144,21 @@ def test_budget_one_is_stock(stock_run, examples):
     assert run["kept"] == []  # nothing selected: the stock code path
 
 
-def test_chat_template_gives_the_training_prompt(stock_run, examples):
-    from vllm import LLM, SamplingParams
+@pytest.mark.parametrize("kind", ["llava", "qwen2_5_vl"])
+def test_chat_template_gives_the_training_prompt(kind):
+    from vllm import SamplingParams
 
-    llm = LLM(model=str(checkpoint_path("llava")), max_model_len=512, enforce_eager=True, dtype="float32")
-    ex = examples[0]
+    llm = vllm_engine(None, 1.0, kind)
+    ex = examples_of(kind, 1)[0]
     msgs = [{"role": "user", "content": [{"type": "image_pil", "image_pil": ex["image"]},
                                          {"type": "text", "text": ex["question"]}]}]
-    out = llm.chat(msgs, SamplingParams(max_tokens=12, temperature=0.0), use_tqdm=False)[0]
+    sp = SamplingParams(max_tokens=12, temperature=0.0)
+    chat = llm.chat(msgs, sp, use_tqdm=False)[0]
+    plain = llm.generate(request(ex, kind), sp, use_tqdm=False)[0]
     del llm
     gc.collect()
-    assert out.outputs[0].text == stock_run["answers"][0]
-    assert len(out.prompt_token_ids) == stock_run["lengths"][0]
+    assert chat.prompt_token_ids == plain.prompt_token_ids  # the fixture's training prompt, <s> included
+    assert chat.outputs[0].text == plain.outputs[0].text
 
 
 def test_plugin_without_key_equals_vllm_without_plugin(stock_run, tmp_path):

@@ -42,19 +42,29 @@ def register() -> None:
     for arch, target in ARCHITECTURES.items():
         ModelRegistry.register_model(arch, target)
         MODELS_CONFIG_MAP[arch] = hook_for(MODELS_CONFIG_MAP.get(arch))
-    for model_type in ("llava", "llava_next"):
+    for model_type in FIXTURE_TEMPLATES:
         register_chat_template_fallback_path(model_type, fixture_chat_template)
     _REGISTERED = True
 
 
+# the chat templates of tokenprune's bundled fixtures, by kind (= model type)
+FIXTURE_TEMPLATES = {
+    "llava": "llava_fixture.jinja",
+    "llava_next": "llava_fixture.jinja",
+    "qwen2_5_vl": "qwen2_5_vl_fixture.jinja",
+}
+
+
 def fixture_chat_template(tokenizer_path: str) -> Path | None:
-    """The chat template of tokenprune's bundled LLaVA / LLaVA-NeXT fixtures (which ship none; vLLM's
-    chat and ``vllm serve`` need one): their training prompt ``<s>USER: <image>\n{question} ASSISTANT:``.
-    Any other ``llava`` / ``llava_next`` model without a template gets none, as in stock vLLM."""
+    """The chat template of a tokenprune bundled fixture (they ship none; vLLM's chat and ``vllm serve``
+    need one): its training prompt ``<s>USER: <image>\n{question} ASSISTANT:`` (Qwen2.5-VL: the image as
+    ``<|vision_start|><|image_pad|><|vision_end|>``). Any other model of these types without a template
+    gets none, as in stock vLLM."""
     from ..demo import checkpoint_path
 
     try:
-        bundled = Path(tokenizer_path).resolve() in {checkpoint_path(k).resolve() for k in ("llava", "llava_next")}
+        path = Path(tokenizer_path).resolve()
+        kind = next((k for k in FIXTURE_TEMPLATES if checkpoint_path(k).resolve() == path), None)
     except OSError:
-        bundled = False
-    return Path(__file__).with_name("llava_fixture.jinja") if bundled else None
+        kind = None
+    return None if kind is None else Path(__file__).with_name(FIXTURE_TEMPLATES[kind])
