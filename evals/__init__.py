@@ -11,5 +11,5 @@ tokenprune.evals ...``). Modules, one job each:
 * :mod:`evals.latency` -- vision / prefill / decode / end-to-end timing, KV bytes, peak memory.
 * :mod:`evals.harness` -- the resumable, data-parallel run over all cells.
 * :mod:`evals.results`, :mod:`evals.report` -- results.json schema, markdown, plots, overlays.
-* :mod:`evals.demo` -- ``tokenprune demo``; :mod:`evals.bench_prefill` -- the prefill benchmark.
+* :mod:`evals.demo` -- ``tokenprune demo``; :mod:`evals.bench_speed` -- the prefill / decode / scoring speed benchmark.
 """

@@ -1,12 +1,21 @@
 """Prefill and decode speed of every method at one budget, and FastV's scoring against the way the
 official code and LightCompress obtain it, side by side in one run (issue #23).
 
-The model is :func:`evals.bench_prefill.build_model`: a random LLaVA with LLaVA-1.5-7B's language
-model (hidden 4096, 32 heads, FFN 11008, 576 visual tokens, a 641-token prompt) and ``--layers`` of
-its 32 decoder layers, in ``--dtype`` (float32 by default: CPUs without bf16 instructions, such as
-this AVX2 one, run bf16 matmuls several times slower than float32; ``gemm_probe`` in the JSON
-records both rates). Variants, measured round-robin (one run of each per round, so load drifts hit
-all of them alike), each through one greedy ``generate`` call of ``--new-tokens`` + 1 tokens:
+The model (``--model``) is a random-init VLM with the language-model geometry of LLaVA-1.5-7B
+(hidden 4096, 32 heads, FFN 11008, 32 layers; 576 visual tokens of a 336-px image, a 641-token
+prompt) or of Qwen2.5-VL-7B (hidden 3584, 28 query / 4 key-value heads, FFN 18944, 28 layers,
+M-RoPE; ``--image`` px square image, 256 visual tokens at 448 px), built through transformers'
+own classes so that tokenprune patches it through its real adapter. The vision tower is one
+narrow block on the same patch grid: the time is the LLM's. ``--layers`` decoder layers (default:
+the full depth); ``--shared-weights`` gives every decoder layer the same weight tensors: each
+layer is its own module (its own hooks, KV-cache slot and pruning schedule) and computes exactly
+what a layer of the real model computes, but the memory is one layer's (fp32 LLaVA-1.5-7B needs
+26 GB at 32 layers with distinct weights). At 0.8-0.9 GB per layer the weights stream from memory
+either way (the CPU's last-level cache is 16 MB), so sharing them changes no cache behaviour the
+benchmark could profit from. ``--dtype`` float32 by default: CPUs without bf16 instructions, such
+as this AVX2 one, run bf16 matmuls several times slower (``gemm_probe`` in the JSON records both
+rates). Variants, measured round-robin (one run of each per round, so load drifts hit all of them
+alike), each through one greedy ``generate`` call of ``--new-tokens`` + 1 tokens:
 
 * ``none``: the unpruned model; every method of ``--methods`` at ``--budget``;
 * ``fastv[rerun]``: FastV whose scores are obtained as LightCompress (``token_reduction/fastv.py``)
@@ -25,11 +34,14 @@ hooks in the prefill), ``select_s`` (inside the methods' ``select``: scoring + t
 ``/proc/self/clear_refs`` before it, minus VmRSS then; glibc's mmap threshold is fixed at 64 KiB so
 that freed tensors leave the resident set). Timings are min and median over ``--repeats`` rounds
 after ``--warmup``. Ideal speed-ups are analytic MAC ratios (:mod:`tokenprune.flops`) at this depth
-and, from each method's schedule on a 32-layer decoder (a narrow 32-layer stand-in with the same
-prompt gives the token counts), at LLaVA-1.5-7B's 32 layers. A torch.profiler table of the top ops
-of the unpruned and the random-pruned prefill closes the run.
+and at the full depth (from each method's schedule on a narrow full-depth stand-in when
+``--layers`` is less). PyramidDrop projects the keys of the layer about to run for scoring and
+that layer reuses the kept rows: its net scoring time subtracts the key projection of the kept
+rows, timed on the same rows right after the rounds. A torch.profiler table of the top ops of the
+unpruned and the random-pruned prefill closes the run.
 
-``python -m evals.bench_speed --out evals/results`` writes ``bench_speed.json`` and ``.md``.
+``python -m evals.bench_speed --out evals/results`` writes ``bench_speed.json`` and ``.md``
+(``bench_speed_qwen2_5_vl.*`` for ``--model qwen2_5_vl``).
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import tokenprune
@@ -55,12 +68,225 @@ from tokenprune.core.select import keep_counts
 from tokenprune.methods.base import Method, build
 from tokenprune.methods.fastv import FastV
 
-from .bench_prefill import HookClock, TimedMethod, _spread, build_model, make_inputs
 from .results import NOISY_SPREAD
 
 DEFAULT_METHODS = ("random", "uniform", "fastv", "pdrop", "feather")
 PEERS = ("fastv[rerun]", "fastv[eager]")
 LLM_STAGE_METHODS = ("fastv", "pdrop", "feather", *PEERS)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A VLM's language-model geometry and its image: ``family`` ``"llava"`` (Llama LM, CLIP grid
+    of ``(image / patch)^2`` tokens) or ``"qwen2_5_vl"`` (M-RoPE LM, 2x2-merged patches:
+    ``(image / patch / 2)^2`` tokens)."""
+
+    name: str
+    family: str
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    layers: int
+    image: int
+    patch: int = 14
+    vocab: int = 1024
+
+    @property
+    def visual_tokens(self) -> int:
+        side = self.image // self.patch // (2 if self.family == "qwen2_5_vl" else 1)
+        return side * side
+
+    def narrow(self) -> Spec:
+        """The same depth, image and family at width 64 (only token schedules are read from it)."""
+        return dataclasses.replace(self, hidden=64, heads=4, kv_heads=4 if self.kv_heads == self.heads else 2, ffn=128)
+
+
+SPECS = {
+    "llava": Spec("LLaVA-1.5-7B", "llava", hidden=4096, heads=32, kv_heads=32, ffn=11008, layers=32, image=336),
+    "qwen2_5_vl": Spec("Qwen2.5-VL-7B", "qwen2_5_vl", hidden=3584, heads=28, kv_heads=4, ffn=18944, layers=28,
+                       image=448),
+}
+
+
+def _share_layers(model: Any, layers: int) -> None:
+    """Grow the one-layer language model of ``model`` to ``layers`` decoder layers that all hold
+    layer 0's weight tensors: distinct modules (own ``layer_idx``, hooks, cache slot), one set of
+    weights."""
+    lm = model.model.language_model
+    cfg = lm.config
+    cfg.num_hidden_layers = layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[0]] * layers
+    first = lm.layers[0]
+    for i in range(1, layers):
+        with torch.device("meta"):
+            layer = type(first)(cfg, layer_idx=i)
+        for name, mod in layer.named_modules():
+            src = first.get_submodule(name)
+            for pn, p in src.named_parameters(recurse=False):
+                setattr(mod, pn, p)
+            for bn, b in src.named_buffers(recurse=False):
+                mod.register_buffer(bn, b)
+        lm.layers.append(layer)
+
+
+def build_model(spec: Spec, layers: int | None = None, shared: bool = False, seed: int = 0) -> nn.Module:
+    """Random-init VLM of ``spec`` with ``layers`` decoder layers (default: its full depth), each
+    with its own weights or, ``shared``, all with the same (see :func:`_share_layers`); sdpa."""
+    layers = layers or spec.layers
+    built = 1 if shared else layers
+    torch.manual_seed(seed)
+    if spec.family == "llava":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+        text = LlamaConfig(vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.ffn,
+                           num_hidden_layers=built, num_attention_heads=spec.heads,
+                           num_key_value_heads=spec.kv_heads, max_position_embeddings=4096, pad_token_id=0,
+                           bos_token_id=1, eos_token_id=2)
+        vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                  image_size=spec.image, patch_size=spec.patch, projection_dim=64)
+        cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=spec.vocab - 1,
+                          vision_feature_layer=-1, vision_feature_select_strategy="default")
+        model = LlavaForConditionalGeneration(cfg)
+    elif spec.family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        half = spec.hidden // spec.heads // 2  # M-RoPE sections (t, h, w) in Qwen2.5-VL's 1:1.5:1.5 split
+        text = dict(vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.ffn,
+                    num_hidden_layers=built, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+                    max_position_embeddings=32768, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                     "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]})
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=spec.hidden,
+                      patch_size=spec.patch, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                      fullatt_block_indexes=[0], in_channels=3)
+        v = spec.vocab
+        cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=v - 4, video_token_id=v - 3,
+                               vision_start_token_id=v - 2, vision_end_token_id=v - 1)
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    else:
+        raise ValueError(f"family: expected 'llava' or 'qwen2_5_vl', got {spec.family!r}")
+    if shared:
+        _share_layers(model, layers)
+    model.eval().set_attn_implementation("sdpa")
+    return model
+
+
+def make_inputs(model: nn.Module, spec: Spec, before: int = 35, after: int = 30, seed: int = 0) -> dict:
+    """One prompt: ``before`` text tokens, the image's visual tokens (Qwen: between its vision
+    start / end tokens), ``after`` text tokens; batch 1."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(3, spec.vocab - 4, (n,), generator=g)  # noqa: E731
+    image = torch.full((spec.visual_tokens,), cfg.image_token_id)
+    if spec.family == "llava":
+        ids = torch.cat([torch.tensor([1]), text(before - 1), image, text(after)])
+        pix = torch.randn(1, 3, spec.image, spec.image, generator=g)
+        return {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None], "pixel_values": pix}
+    ids = torch.cat([torch.tensor([1]), text(before - 2), torch.tensor([cfg.vision_start_token_id]), image,
+                     torch.tensor([cfg.vision_end_token_id]), text(after)])
+    side = spec.image // spec.patch
+    return {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None],
+            "mm_token_type_ids": (ids == cfg.image_token_id).long()[None],
+            "pixel_values": torch.randn(side * side, 3 * 2 * spec.patch**2, generator=g),
+            "image_grid_thw": torch.tensor([[1, side, side]])}
+
+
+# ----------------------------------------------------------------------------- clocks
+
+
+class TimedMethod(Method):
+    """Wraps a method so the time inside its stages' ``select`` (scoring + selection) is summed;
+    the inner method's own hooks are installed."""
+
+    def __init__(self, inner: Method) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.summary = inner.summary
+        self.elapsed = 0.0
+
+    def stages(self, anatomy, budget):
+        out = []
+        for st in self.inner.stages(anatomy, budget):
+            def select(ctx, _f=st.select):
+                t0 = time.perf_counter()
+                try:
+                    return _f(ctx)
+                finally:
+                    self.elapsed += time.perf_counter() - t0
+            out.append(dataclasses.replace(st, select=select))
+        return out
+
+    def install(self, anatomy, hooks, state) -> None:
+        self.inner.install(anatomy, hooks, state)
+
+
+class HookClock:
+    """Time spent in tokenprune's forward pre-hooks: a pre-hook registered *before* the patch (prepended)
+    and one *after* it bracket the engine's hooks on each module; the vision tower's time (which the
+    pre-LLM hook triggers on the forward path, up to its projector's output) is subtracted."""
+
+    def __init__(self, model: Any) -> None:
+        core = model.model
+        self.modules = [core, *core.language_model.layers]
+        self.starts: dict[Any, float] = {}
+        self.total = 0.0
+        self.vision = 0.0
+        self.handles = [m.register_forward_pre_hook(self._start(i), prepend=True) for i, m in enumerate(self.modules)]
+        self._v0 = 0.0
+        self.layer_s = [0.0] * (len(self.modules) - 1)
+        self.handles += [m.register_forward_hook(self._layer_end(i)) for i, m in enumerate(self.modules) if i > 0]
+        tower = getattr(core, "vision_tower", None) or core.visual
+        self.handles.append(tower.register_forward_pre_hook(self._vstart))
+        self.handles.append(getattr(core, "multi_modal_projector", tower).register_forward_hook(self._vend))
+
+    def _start(self, i):
+        def hook(*_):
+            self.starts[i] = self.starts[f"layer{i}"] = time.perf_counter()
+        return hook
+
+    def _layer_end(self, i):
+        def hook(*_):
+            if f"layer{i}" in self.starts:
+                self.layer_s[i - 1] += time.perf_counter() - self.starts.pop(f"layer{i}")
+        return hook
+
+    def _end(self, i):
+        def hook(*_):
+            if i in self.starts:
+                self.total += time.perf_counter() - self.starts.pop(i)
+        return hook
+
+    def _vstart(self, *_):
+        self._v0 = time.perf_counter()
+
+    def _vend(self, *_):
+        self.vision += time.perf_counter() - self._v0
+
+    def close_bracket(self) -> None:
+        """Register the closing hooks (call after ``tokenprune.patch``)."""
+        self.handles += [m.register_forward_pre_hook(self._end(i)) for i, m in enumerate(self.modules)]
+
+    def reset(self) -> None:
+        self.total, self.vision, self.starts = 0.0, 0.0, {}
+        self.layer_s = [0.0] * len(self.layer_s)
+
+    @property
+    def overhead(self) -> float:
+        return max(0.0, self.total - self.vision)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _spread(times: list[float]) -> float:
+    """(slowest - fastest) / median of repeated timings."""
+    return (max(times) - min(times)) / statistics.median(times)
 
 
 # ----------------------------------------------------------------------------- memory and load
@@ -171,17 +397,14 @@ class PeerFastV(Method):
             hooks.post(layer, back)
 
 
-class Timed(TimedMethod):
-    """:class:`TimedMethod` that also installs the inner method's own hooks."""
-
-    def install(self, anatomy, hooks, state) -> None:
-        self.inner.install(anatomy, hooks, state)
+# methods' parameters per family: renumbering positions has no meaning for M-RoPE's 3-D ids
+PARAMS = {"qwen2_5_vl": {"pdrop": {"positions": "keep"}}}
 
 
-def _method(variant: str) -> Method:
+def _method(variant: str, family: str = "llava") -> Method:
     if variant in PEERS:
         return PeerFastV(mode=variant[len("fastv["):-1])
-    return build(variant)
+    return build(variant, **PARAMS.get(family, {}).get(variant, {}))
 
 
 # ----------------------------------------------------------------------------- one timed run
@@ -191,7 +414,7 @@ class Stamps(LogitsProcessor):
     """Records when each token's logits are ready, and the hook clocks and peak memory at the first
     (the end of the prefill)."""
 
-    def __init__(self, clock: HookClock, timed: Timed | None) -> None:
+    def __init__(self, clock: HookClock, timed: TimedMethod | None) -> None:
         self.clock, self.timed, self.times, self.at_prefill = clock, timed, [], {}
 
     def __call__(self, input_ids, scores):
@@ -204,13 +427,40 @@ class Stamps(LogitsProcessor):
         return scores
 
 
-def _one(model, inputs, variant: str, budget: float, new_tokens: int) -> dict[str, Any]:
+class KeyInputs:
+    """The inputs of every decoder layer's ``k_proj`` in a prefill, seen before tokenprune's hooks
+    (prepended): at a PyramidDrop stage layer the first call is the scoring's projection of all rows
+    and the second the layer's own call on the kept rows (which the engine then skips, handing over
+    the kept rows of the first)."""
+
+    def __init__(self, model: Any) -> None:
+        self.calls: dict[int, list[torch.Tensor]] = {}
+        self.handles = [layer.self_attn.k_proj.register_forward_pre_hook(self._hook(j), prepend=True)
+                        for j, layer in enumerate(model.model.language_model.layers)]
+
+    def _hook(self, j: int):
+        def hook(mod, args):
+            if args[0].shape[1] > 1:
+                self.calls.setdefault(j, []).append(args[0])
+        return hook
+
+    def pairs(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(layer, all rows, kept rows) of each layer whose keys were projected twice."""
+        return [(j, c[0], c[1]) for j, c in sorted(self.calls.items()) if len(c) == 2]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _one(model, inputs, variant: str, budget: float, new_tokens: int, family: str = "llava") -> dict[str, Any]:
     """One ``generate`` of ``variant`` (``none`` / ``control`` unpatched)."""
     clock = HookClock(model)
+    keys = KeyInputs(model) if variant == "pdrop" else None
     timed = handle = None
     try:
         if variant not in ("none", "control"):
-            timed = Timed(_method(variant))
+            timed = TimedMethod(_method(variant, family))
             handle = tokenprune.patch(model, timed, budget=budget)
         clock.close_bracket()
         clock.reset()
@@ -231,19 +481,17 @@ def _one(model, inputs, variant: str, budget: float, new_tokens: int) -> dict[st
             "rerun_s": peer.rerun_s if peer is not None else 0.0, "layer_s": at["layer_s"],
             "peak_mib": (at["hwm_kib"] - rss0) / 1024, "load1": load,
             "trace": handle.trace if handle is not None else None,
+            "key_inputs": keys.pairs() if keys is not None else [],
         }
     finally:
         if handle is not None:
             handle.remove()
         clock.remove()
+        if keys is not None:
+            keys.remove()
 
 
 # ----------------------------------------------------------------------------- analytic ideals
-
-
-def _geometry_7b(layers: int, hidden: int, heads: int, ffn: int) -> flops.DecoderGeometry:
-    return flops.DecoderGeometry(hidden=hidden, ffn=ffn, heads=heads, kv_heads=heads, head_dim=hidden // heads,
-                                 layers=layers)
 
 
 def _decode_bytes(geo: flops.DecoderGeometry, cache: list[float], elem: int) -> float:
@@ -266,19 +514,44 @@ def scoring_macs(geo: flops.DecoderGeometry, method: str, tokens: list[float]) -
     return total
 
 
-def schedules_at_32(variants: list[str], budget: float, image: int, patch: int) -> dict[str, list[float]]:
-    """Tokens entering each of 32 decoder layers for each variant: the methods run once on a narrow
-    32-layer stand-in with the benchmark's prompt (only the schedule matters, not the width)."""
-    stand_in = build_model(32, hidden=64, heads=4, ffn=128, image=image, patch=patch)
-    inputs = make_inputs(stand_in)
+def schedules_at_full(spec: Spec, variants: list[str], budget: float) -> dict[str, list[float]]:
+    """Tokens entering each of the full depth's decoder layers for each variant: the methods run once
+    on a narrow full-depth stand-in with the benchmark's prompt (only the schedule matters, not the
+    width)."""
+    narrow = spec.narrow()
+    stand_in = build_model(narrow)
+    inputs = make_inputs(stand_in, narrow)
     out = {"none": flops.estimate(stand_in, inputs)[0].llm_tokens_per_layer}
     for v in variants:
         if v in (*PEERS, "none", "control"):
             continue
-        with tokenprune.patch(stand_in, v, budget=budget) as handle, torch.no_grad():
+        with tokenprune.patch(stand_in, _method(v, spec.family), budget=budget) as handle, torch.no_grad():
             stand_in(**inputs, logits_to_keep=1)
             out[v] = flops.estimate(stand_in, inputs, handle.trace)[0].llm_tokens_per_layer
     return out
+
+
+def saved_projection(model: Any, pairs: list[tuple[int, torch.Tensor, torch.Tensor]],
+                     repeats: int = 5) -> dict[str, Any]:
+    """PyramidDrop's key projections, timed on the rows the run saw (``KeyInputs.pairs``): at each
+    stage layer the scoring's projection of all rows and the layer's own of the kept rows (the work
+    the reuse saves), alternately, min over ``repeats``."""
+    layers = model.model.language_model.layers
+    all_s, kept_s = [], []
+    with torch.no_grad():
+        for j, every, kept in pairs:
+            proj = layers[j].self_attn.k_proj
+            t: dict[str, list[float]] = {"all": [], "kept": []}
+            for _ in range(repeats):
+                for name, x in (("all", every), ("kept", kept)):
+                    t0 = time.perf_counter()
+                    proj(x)
+                    t[name].append(time.perf_counter() - t0)
+            all_s.append(min(t["all"]))
+            kept_s.append(min(t["kept"]))
+    return {"layers": [j for j, *_ in pairs], "rows_all": [int(a.shape[1]) for _, a, _ in pairs],
+            "rows_kept": [int(k.shape[1]) for *_, k in pairs], "all_s": sum(all_s), "kept_s": sum(kept_s),
+            "all_s_per_stage": all_s, "kept_s_per_stage": kept_s}
 
 
 def gemm_probe(rows: int = 128, width: int = 4096) -> dict[str, float]:
@@ -365,26 +638,31 @@ def profile_ops(model, inputs, method: str | None, budget: float, top: int = 8) 
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def run(layers: int = 8, methods: list[str] | None = None, budget: float = 0.2, warmup: int = 1, repeats: int = 3,
-        new_tokens: int = 4, dtype: str = "float32", peers: bool = True, control: bool = True, profile: bool = True,
-        hidden: int = 4096, heads: int = 32, ffn: int = 11008, image: int = 336, patch: int = 14,
-        threads: int | None = 1, log: Any = print) -> dict[str, Any]:
-    """Run the benchmark and return the result object (see the module docstring)."""
+def run(model: str = "llava", layers: int | None = None, methods: list[str] | None = None, budget: float = 0.2,
+        warmup: int = 1, repeats: int = 3, new_tokens: int = 4, dtype: str = "float32", peers: bool = True,
+        control: bool = True, profile: bool = True, shared: bool = False, threads: int | None = 1,
+        checkpoint: Path | None = None, log: Any = print, **geometry: int) -> dict[str, Any]:
+    """Run the benchmark on ``SPECS[model]`` (fields overridden by ``geometry``: ``hidden``,
+    ``heads``, ``kv_heads``, ``ffn``, ``image``, ``patch``) and return the result object (see the
+    module docstring). ``checkpoint``: a JSON file rewritten after every round with the timings so
+    far."""
     if threads:
         torch.set_num_threads(threads)
+    spec = dataclasses.replace(SPECS[model], **geometry)
+    layers = layers or spec.layers
     mmap_fixed = _fix_mmap_threshold()
     t_start = time.perf_counter()
-    probe = gemm_probe(width=hidden)
-    model = build_model(layers, hidden, heads, ffn, image, patch).to(getattr(torch, dtype))
-    inputs = make_inputs(model)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    n_vis = (image // patch) ** 2
+    probe = gemm_probe(width=spec.hidden)
+    vlm = build_model(spec, layers, shared).to(getattr(torch, dtype))
+    inputs = make_inputs(vlm, spec)
+    inputs["pixel_values"] = inputs["pixel_values"].to(vlm.dtype)
+    n_vis = spec.visual_tokens
     prompt = int(inputs["input_ids"].shape[1])
     short = prompt - n_vis + int(keep_counts(torch.tensor([n_vis]), budget)[0])
-    text_only = {"input_ids": torch.randint(3, 1000, (1, short), generator=torch.Generator().manual_seed(1)),
-                 "attention_mask": torch.ones(1, short, dtype=torch.long)}
-    log(f"built {layers}-layer {dtype} model in {time.perf_counter() - t_start:.1f} s; prompt {prompt} tokens; "
-        f"control {short} tokens; gemm {probe}")
+    ids = torch.randint(3, spec.vocab - 4, (1, short), generator=torch.Generator().manual_seed(1))
+    text_only = {"input_ids": ids, "attention_mask": torch.ones(1, short, dtype=torch.long)}
+    log(f"built {spec.name} {layers}-layer {dtype} model (shared weights: {shared}) in "
+        f"{time.perf_counter() - t_start:.1f} s; prompt {prompt} tokens; control {short} tokens; gemm {probe}")
     registered = tokenprune.methods()
     names = ["none", *[m for m in (methods or DEFAULT_METHODS) if m in registered]]
     names += [p for p in PEERS if peers and "fastv" in names]
@@ -393,7 +671,7 @@ def run(layers: int = 8, methods: list[str] | None = None, budget: float = 0.2, 
     for r in range(warmup + repeats):
         kept = {}
         for m in names:
-            res = _one(model, text_only if m == "control" else inputs, m, budget, new_tokens)
+            res = _one(vlm, text_only if m == "control" else inputs, m, budget, new_tokens, spec.family)
             if r >= warmup:
                 samples[m].append(res)
             if res["trace"] is not None:
@@ -403,14 +681,18 @@ def run(layers: int = 8, methods: list[str] | None = None, budget: float = 0.2, 
         for p in PEERS:  # the peers' scores must select exactly our kept set
             if p in kept and not all(torch.equal(a, b) for a, b in zip(kept[p], kept["fastv"], strict=True)):
                 raise AssertionError(f"round {r}: {p} kept {kept[p]}, fastv kept {kept['fastv']}")
-    setup = dict(layers=layers, hidden=hidden, heads=heads, ffn=ffn, image=image, patch=patch, dtype=dtype,
-                 threads=torch.get_num_threads(), budget=budget, warmup=warmup, repeats=repeats,
-                 new_tokens=new_tokens, prompt=prompt, short=short, probe=probe, mmap_fixed=mmap_fixed)
-    res = summarise(model, inputs, samples, setup, log)
+        if checkpoint is not None:
+            keys = ("prefill_s", "decode_s", "select_s", "overhead_s", "rerun_s", "peak_mib", "load1")
+            partial = {m: {k: [x[k] for x in v] for k in keys} for m, v in samples.items()}
+            checkpoint.write_text(json.dumps({"round": r, "warmup": warmup, "samples": partial}, indent=1))
+    setup = dict(spec=spec, layers=layers, shared=shared, dtype=dtype, threads=torch.get_num_threads(),
+                 budget=budget, warmup=warmup, repeats=repeats, new_tokens=new_tokens, prompt=prompt, short=short,
+                 probe=probe, mmap_fixed=mmap_fixed)
+    res = summarise(vlm, inputs, samples, setup, log)
     if profile:
         log("profiling the unpruned and the random-pruned prefill")
-        res["profile"] = {"none": profile_ops(model, inputs, None, budget),
-                          "random": profile_ops(model, inputs, "random", budget)}
+        res["profile"] = {"none": profile_ops(vlm, inputs, None, budget),
+                          "random": profile_ops(vlm, inputs, "random", budget)}
     res["wall_s"] = time.perf_counter() - t_start
     return res
 
@@ -421,14 +703,19 @@ def _speed(base: list[float], mine: list[float]) -> tuple[float, float]:
 
 
 def summarise(model, inputs, samples: dict[str, list[dict[str, Any]]], setup: dict[str, Any], log: Any = print):
-    """The result object: one row per variant, with the ideals at this depth and at 32 layers."""
-    layers, budget = setup["layers"], setup["budget"]
-    geo = _geometry_7b(layers, setup["hidden"], setup["heads"], setup["ffn"])
-    geo32 = dataclasses.replace(geo, layers=32)
+    """The result object: one row per variant, with the ideals at this depth and at the full depth."""
+    spec, layers, budget = setup["spec"], setup["layers"], setup["budget"]
+    geo = flops.DecoderGeometry.from_config(model.config.get_text_config())
+    geo_full = dataclasses.replace(geo, layers=spec.layers)
     elem = torch.finfo(model.dtype).bits // 8
-    log("schedules on a 32-layer stand-in")
-    at32 = schedules_at_32(list(samples), budget, setup["image"], setup["patch"])
     base = flops.estimate(model, inputs)[0]
+    if layers == spec.layers:  # the run's own schedules are the full depth's
+        traces = {m: v[-1]["trace"] for m, v in samples.items() if m != "control"}
+        at_full = {m: (flops.estimate(model, inputs, tr)[0] if tr else base).llm_tokens_per_layer
+                   for m, tr in traces.items()}
+    else:
+        log(f"schedules on a {spec.layers}-layer stand-in")
+        at_full = schedules_at_full(spec, list(samples), budget)
     t = {m: [s["prefill_s"] for s in v] for m, v in samples.items()}
     d = {m: [s["decode_s"] for s in v] for m, v in samples.items()}
     rows = []
@@ -438,18 +725,20 @@ def summarise(model, inputs, samples: dict[str, list[dict[str, Any]]], setup: di
         if m == "control":
             tokens = [float(setup["short"])] * layers
             row["ideal_speedup"] = flops.prefill_macs(geo, base.llm_tokens_per_layer) / flops.prefill_macs(geo, tokens)
-            row["ideal_speedup_32"] = None
+            row["ideal_speedup_full"] = None
         else:
             cost = flops.estimate(model, inputs, trace)[0] if trace is not None else base
             tokens = cost.llm_tokens_per_layer
             row["ideal_speedup"] = base.prefill_total / cost.prefill_total
-            sched = at32["fastv" if m in PEERS else m]
-            row["tokens_per_layer_32"] = sched
-            row["ideal_speedup_32"] = flops.prefill_macs(geo32, at32["none"]) / flops.prefill_macs(geo32, sched)
+            sched = at_full["fastv" if m in PEERS else m]
+            row["tokens_per_layer_full"] = sched
+            row["ideal_speedup_full"] = (flops.prefill_macs(geo_full, at_full["none"])
+                                         / flops.prefill_macs(geo_full, sched))
             row["realized_budget"] = trace.realized_budget if trace is not None else 1.0
             if m in ("fastv", "pdrop", "feather"):
                 row["scoring_macs_pct"] = 100.0 * scoring_macs(geo, m, tokens) / flops.prefill_macs(geo, tokens)
-                row["scoring_macs_pct_32"] = 100.0 * scoring_macs(geo32, m, sched) / flops.prefill_macs(geo32, sched)
+                row["scoring_macs_pct_full"] = (100.0 * scoring_macs(geo_full, m, sched)
+                                                / flops.prefill_macs(geo_full, sched))
         row["llm_tokens_per_layer"] = tokens
         row["prefill_s"], row["prefill_s_median"], row["prefill_s_all"] = min(t[m]), statistics.median(t[m]), t[m]
         row["measured_speedup"], row["measured_speedup_median"] = _speed(t["none"], t[m])
@@ -470,6 +759,11 @@ def summarise(model, inputs, samples: dict[str, list[dict[str, Any]]], setup: di
         row.update(med)
         row["scoring_s"] = med["select_s"] + med["rerun_s"]
         row["scoring_pct"] = 100.0 * row["scoring_s"] / row["prefill_s_median"]
+        row["scoring_net_s"], row["scoring_net_pct"] = row["scoring_s"], row["scoring_pct"]
+        if runs[-1]["key_inputs"]:  # PyramidDrop: its layer reuses the kept rows' keys the scoring projected
+            row["key_projection"] = kp = saved_projection(model, runs[-1]["key_inputs"])
+            row["scoring_net_s"] = row["scoring_s"] - kp["kept_s"]
+            row["scoring_net_pct"] = 100.0 * row["scoring_net_s"] / row["prefill_s_median"]
         row["overhead_pct"] = 100.0 * med["overhead_s"] / row["prefill_s_median"]
         row["layer_s"] = min(runs, key=lambda s: s["prefill_s"])["layer_s"]
         row["load1"] = [s["load1"] for s in runs]
@@ -496,10 +790,18 @@ def summarise(model, inputs, samples: dict[str, list[dict[str, Any]]], setup: di
     return {
         "benchmark": "speed", "issue": 23, "device": "cpu", "threads": setup["threads"], "dtype": setup["dtype"],
         "attn_implementation": "sdpa", "batch_size": 1, "budget": budget,
-        "geometry": {"hidden": setup["hidden"], "heads": setup["heads"], "ffn": setup["ffn"], "layers": layers,
-                     "layers_llava_1_5_7b": 32, "visual_tokens": (setup["image"] // setup["patch"]) ** 2,
-                     "prompt_tokens": setup["prompt"], "control_tokens": setup["short"],
-                     "vision_tower": "1-layer 64-wide CLIP (LLM prefill dominates)"},
+        "model": spec.name, "family": spec.family, "method_params": PARAMS.get(spec.family, {}),
+        "geometry": {"hidden": spec.hidden, "heads": spec.heads, "kv_heads": spec.kv_heads, "ffn": spec.ffn,
+                     "layers": layers, "layers_full": spec.layers, "image_px": spec.image,
+                     "visual_tokens": spec.visual_tokens, "prompt_tokens": setup["prompt"],
+                     "control_tokens": setup["short"],
+                     "shared_weights": setup["shared"],
+                     "vision_tower": "one 64-wide CLIP layer" if spec.family == "llava" else
+                                     "one 32-wide windowed Qwen2.5-VL block + merger (LLM prefill dominates)"},
+        "shared_weights_note": ("every decoder layer is its own module (own hooks, KV-cache slot, pruning schedule) "
+                                "holding the same weight tensors: the compute of the full-depth model, the memory "
+                                "of one layer; the weights (~0.8-0.9 GB per layer) stream from memory either way"
+                                if setup["shared"] else None),
         "warmup": setup["warmup"], "repeats": setup["repeats"], "new_tokens": setup["new_tokens"],
         "gemm_probe_gflops": setup["probe"],
         "memory_method": "peak RSS the prefill adds: VmHWM (reset via /proc/self/clear_refs) minus VmRSS before; "
@@ -520,23 +822,27 @@ def markdown(res: dict[str, Any]) -> str:
     la = res["load_average_1min"]
     lines = [
         f"# Prefill, decode and scoring speed (budget {res['budget']:g})", "",
-        f"Random-init LLaVA, LM geometry of LLaVA-1.5-7B (d={g['hidden']}, {g['heads']} heads, FFN {g['ffn']}) with "
-        f"**{g['layers']} of 32 layers**, {g['visual_tokens']} visual tokens, {g['prompt_tokens']}-token prompt; "
+        f"Random-init {res['family']} model with the LM geometry of {res['model']} (d={g['hidden']}, {g['heads']} "
+        f"query / {g['kv_heads']} key-value heads, FFN {g['ffn']}) with **{g['layers']} of {g['layers_full']} layers**"
+        + (" (all holding one shared set of weights: the full model's compute, one layer's memory)"
+           if g["shared_weights"] else "")
+        + f", {g['visual_tokens']} visual tokens ({g['image_px']} px image), {g['prompt_tokens']}-token prompt; "
         f"{res['device']}, {res['threads']} thread(s), {res['dtype']}, {res['attn_implementation']}, batch 1; "
         f"min (median) over {res['repeats']} rounds after {res['warmup']} warm-up, variants interleaved; [paired]: "
         "the unpruned over the variant's time within each round, median over rounds; "
         f"1-min load average during the runs {la['min']:.1f}-{la['max']:.1f} (median {la['median']:.1f}). "
         f"GEMM probe (GFLOP/s): " + ", ".join(f"{k} {v:.1f}" for k, v in res["gemm_probe_gflops"].items()) + ".", "",
-        "| variant | realized budget | prefill s | ideal speed-up (this depth / 32 layers) | measured speed-up "
+        f"| variant | realized budget | prefill s | ideal speed-up (this depth / {g['layers_full']} layers) "
+        "| measured speed-up "
         "| measured/ideal (paired) | scoring ms (% of prefill) | hook overhead % | decode ms/token | decode speed-up "
         "(ideal MACs / bytes) | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["results"]:
-        ideal32 = f"{r['ideal_speedup_32']:.2f}x" if r.get("ideal_speedup_32") else "-"
+        ideal_full = f"{r['ideal_speedup_full']:.2f}x" if r.get("ideal_speedup_full") else "-"
         lines.append(
             f"| {r['method']} | {budget_cell(r)} | {r['prefill_s']:.2f} "
-            f"({r['prefill_s_median']:.2f}) | {r['ideal_speedup']:.2f}x / {ideal32} | {r['measured_speedup']:.2f}x "
+            f"({r['prefill_s_median']:.2f}) | {r['ideal_speedup']:.2f}x / {ideal_full} | {r['measured_speedup']:.2f}x "
             f"({r['measured_speedup_median']:.2f}x){'*' if r['noisy'] else ''} | {r['measured_over_ideal']:.2f} "
             f"({r['measured_over_ideal_median']:.2f}) [{r['measured_over_ideal_paired']:.2f}] | "
             f"{r['scoring_s'] * 1e3:.1f} ({r['scoring_pct']:.2f} %) | "
@@ -548,13 +854,19 @@ def markdown(res: dict[str, Any]) -> str:
                       f"{NOISY_SPREAD:.0%} of their median."]
     ours = [r for r in res["results"] if "scoring_macs_pct" in r]
     if ours:
-        lines += ["", "Scoring cost of the LLM-stage methods: measured time inside `select` (for PyramidDrop this "
-                  "includes projecting the keys its layer then reuses) and the MACs scoring adds to the pruned "
-                  "prefill (analytic, net of that reuse):", "",
-                  "| method | scoring ms | % of prefill (measured) | added MACs % (this depth) | (32 layers) |",
+        lines += ["", "Scoring cost of the LLM-stage methods: time inside `select` (gross), net of the work the "
+                  "model then skips (PyramidDrop: its layer takes the kept rows' keys the scoring projected; that "
+                  "projection, timed on the same rows after the rounds, is subtracted), and the MACs scoring adds "
+                  "to the pruned prefill (analytic, net of that reuse):", "",
+                  "| method | gross ms (% of prefill) | net ms (% of prefill) | key projection all rows / kept rows ms "
+                  f"| added MACs % (this depth / {g['layers_full']} layers) |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {r['method']} | {r['scoring_s'] * 1e3:.1f} | {r['scoring_pct']:.2f} | "
-                  f"{r['scoring_macs_pct']:.2f} | {r['scoring_macs_pct_32']:.2f} |" for r in ours]
+        for r in ours:
+            kp = r.get("key_projection")
+            kpc = f"{kp['all_s'] * 1e3:.0f} / {kp['kept_s'] * 1e3:.0f}" if kp else "-"
+            lines.append(f"| {r['method']} | {r['scoring_s'] * 1e3:.1f} ({r['scoring_pct']:.2f} %) | "
+                         f"{r['scoring_net_s'] * 1e3:.1f} ({r['scoring_net_pct']:.2f} %) | {kpc} | "
+                         f"{r['scoring_macs_pct']:.2f} / {r['scoring_macs_pct_full']:.2f} |")
     peers = [r for r in res["results"] if "scoring_over_ours" in r]
     if peers:
         lines += ["", "Peer-style FastV scoring against ours (same model, same kept sets, checked every round). "
@@ -584,28 +896,33 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evals.bench_speed", description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=8, help="decoder layers (LLaVA-1.5-7B has 32; default 8)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    p.add_argument("--budget", type=float, default=0.2)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p = argparse.ArgumentParser(prog="python -m evals.bench_speed", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="llava", choices=sorted(SPECS), help="LM geometry: LLaVA-1.5-7B or Qwen2.5-VL-7B")
+    p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the model's full depth, 32 / 28)")
+    p.add_argument("--shared-weights", action="store_true",
+                   help="all decoder layers hold one set of weights (full-depth compute in one layer's memory)")
+    p.add_argument("--image", type=int, default=0, help="square image side in px (0: 336 LLaVA, 448 Qwen)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated methods ('none' always runs)")
+    p.add_argument("--budget", type=float, default=0.2, help="budget of every method, in (0, 1]")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (each runs every variant once)")
     p.add_argument("--new-tokens", type=int, default=4, help="decode steps timed per run")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype")
     p.add_argument("--no-peers", action="store_true", help="skip the peer-style FastV variants")
     p.add_argument("--no-control", action="store_true", help="skip the unpatched short-prompt control")
-    p.add_argument("--no-profile", action="store_true")
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--ffn", type=int, default=11008)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=Path("evals/results"))
+    p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", type=Path, default=Path("evals/results"), help="folder for the JSON and markdown")
     a = p.parse_args(argv)
-    res = run(a.layers, a.methods.split(","), a.budget, a.warmup, a.repeats, a.new_tokens, a.dtype,
-              not a.no_peers, not a.no_control, not a.no_profile, a.hidden, a.heads, a.ffn, threads=a.threads)
+    stem = "bench_speed" if a.model == "llava" else f"bench_speed_{a.model}"
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "bench_speed.json").write_text(json.dumps(res, indent=1))
-    (a.out / "bench_speed.md").write_text(markdown(res))
+    res = run(a.model, a.layers or None, a.methods.split(","), a.budget, a.warmup, a.repeats, a.new_tokens, a.dtype,
+              not a.no_peers, not a.no_control, not a.no_profile, a.shared_weights, threads=a.threads,
+              checkpoint=a.out / f"{stem}.partial.json", **({"image": a.image} if a.image else {}))
+    (a.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (a.out / f"{stem}.md").write_text(markdown(res))
+    (a.out / f"{stem}.partial.json").unlink(missing_ok=True)
     print(markdown(res))
     return 0
 
