@@ -92,13 +92,16 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
         last = torch.full((hs.shape[0], 1), hs.shape[1] - 1, dtype=torch.long, device=hs.device)
 
         def attention(source: str = "previous", rope: bool = True, normalize: str = "all") -> torch.Tensor:
-            # Only the last prompt token's query is projected here. Keys come from what the model
-            # computes anyway: layer K-1's cache or its captured k_proj output ("previous"); layer
-            # K's keys are projected once and handed to layer K's own attention ("current").
+            # What the model computes anyway is reused: "previous" takes layer K-1's keys (its cache or
+            # its captured k_proj output) and the last token's query (its captured q_proj row); "current"
+            # projects layer K's keys once and hands them to layer K's own attention, and only the last
+            # prompt token's query is projected for it.
+            query = None
             if source == "previous":
                 saved = state.stash[k - 1]
                 attn, hn, mask = lp.attention(lp.layers[k - 1]), saved["hidden_states"], saved.get("attention_mask")
                 pe = saved["position_embeddings"]
+                query = state.stash.get((k - 1, "query"))
                 cache = cache_of(saved)
                 keys, rotated = state.stash.get((k - 1, "keys")), False
                 keys = None if keys is None else split_heads(keys, attn.head_dim)
@@ -118,7 +121,7 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
             else:
                 raise ValueError(f"source: expected 'previous' or 'current', got {source!r}")
             norms = lp.head_norms(attn)
-            logits = query_logits(attn, hn, last, pe if rope else None, mask, keys, rotated, norms)[:, :, 0]
+            logits = query_logits(attn, hn, last, pe if rope else None, mask, keys, rotated, norms, query)[:, :, 0]
             if normalize == "all":
                 probs = gather_cols(logits.softmax(-1), cand_cols, dim=2)
             elif normalize == "visual":
@@ -160,6 +163,7 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
         sel = stage.select(ctx).to(hs.device)
         state.stash.pop(k - 1, None)
         state.stash.pop((k - 1, "keys"), None)
+        state.stash.pop((k - 1, "query"), None)
         kept_cols = torch.where(sel >= 0, torch.gather(cand_cols, 1, sel.clamp(min=0)), -1)
         keep = (visual < 0) & (prev.cols >= 0 if prev else torch.ones_like(real))  # text, padding
         rows, slots = (kept_cols >= 0).nonzero(as_tuple=True)
@@ -242,10 +246,10 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
 
         return hook
 
-    def capture_keys(k: int):
+    def capture(k: int, what: str):  # a projection's output in layer k's prefill: keys, or the last row's query
         def hook(mod, kw, out):
             if state.llm_input is not None and out.shape[1] > 1:
-                state.stash[(k, "keys")] = out
+                state.stash[(k, what)] = out if what == "keys" else out[:, -1:].clone()
             return None
 
         return hook
@@ -257,6 +261,7 @@ def install_llm(anatomy, stages: list[Stage], state: ForwardState, hooks: HookSe
     _slice_injections(lp, state, hooks)
     for k in by_layer:
         hooks.post(lp.attention(lp.layers[k - 1]), stash(k - 1))
-        hooks.post(lp.attention(lp.layers[k - 1]).k_proj, capture_keys(k - 1))
+        hooks.post(lp.attention(lp.layers[k - 1]).k_proj, capture(k - 1, "keys"))
+        hooks.post(lp.attention(lp.layers[k - 1]).q_proj, capture(k - 1, "query"))
     for j in range(first, n_layers):
         hooks.pre(lp.layers[j], make_hook(j))

@@ -45,6 +45,7 @@ def query_logits(
     keys: torch.Tensor | None = None,
     rotated: bool = True,
     norms: tuple[nn.Module | None, nn.Module | None] = (None, None),
+    queries: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked attention logits of chosen query columns to all keys of one decoder-layer call.
 
@@ -57,11 +58,14 @@ def query_logits(
     (``rotated=False``, see :func:`split_heads`); None projects them from ``hidden``. GQA query
     heads are scored against their shared key head, as the model repeats it. ``norms`` are the
     per-head query / key norms the layer applies before RoPE (Qwen3), if any (applied here to the
-    queries and to keys not taken from the cache). Returns float32 (B, H, Q, L), -inf where masked.
+    queries and to keys not taken from the cache). ``queries`` (B, Q, H * d) are the ``q_proj``
+    outputs at ``query_cols`` if already at hand (the layer's own, captured in its forward); None
+    projects them from ``hidden``. Returns float32 (B, H, Q, L), -inf where masked.
     """
     b, n, _ = hidden.shape
-    hq = torch.gather(hidden, 1, query_cols[..., None].expand(-1, -1, hidden.shape[-1]))
-    q = _heads(attn.q_proj, hq, attn.head_dim)
+    if queries is None:
+        queries = attn.q_proj(torch.gather(hidden, 1, query_cols[..., None].expand(-1, -1, hidden.shape[-1])))
+    q = split_heads(queries, attn.head_dim)
     if norms[0] is not None:
         q = norms[0](q)
     if keys is None:
