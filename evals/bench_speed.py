@@ -41,7 +41,7 @@ rows, timed on the same rows right after the rounds. A torch.profiler table of t
 unpruned and the random-pruned prefill closes the run.
 
 ``python -m evals.bench_speed --out evals/results`` writes ``bench_speed.json`` and ``.md``
-(``bench_speed_qwen2_5_vl.*`` for ``--model qwen2_5_vl``).
+(``bench_speed_qwen2_5_vl.*`` for ``--model qwen2_5_vl``, ``<stem>.*`` with ``--stem``).
 """
 
 from __future__ import annotations
@@ -429,24 +429,36 @@ class Stamps(LogitsProcessor):
 
 class KeyInputs:
     """The inputs of every decoder layer's ``k_proj`` in a prefill, seen before tokenprune's hooks
-    (prepended): at a PyramidDrop stage layer the first call is the scoring's projection of all rows
-    and the second the layer's own call on the kept rows (which the engine then skips, handing over
-    the kept rows of the first)."""
+    (prepended), and the time of each call: at a PyramidDrop stage layer the first call is the
+    scoring's projection of all rows and the second the layer's own call on the kept rows (which the
+    engine then skips, handing over the kept rows of the first)."""
 
     def __init__(self, model: Any) -> None:
         self.calls: dict[int, list[torch.Tensor]] = {}
-        self.handles = [layer.self_attn.k_proj.register_forward_pre_hook(self._hook(j), prepend=True)
-                        for j, layer in enumerate(model.model.language_model.layers)]
+        self.times: dict[int, list[float]] = {}
+        self.t0 = 0.0
+        self.handles = []
+        for j, layer in enumerate(model.model.language_model.layers):
+            self.handles.append(layer.self_attn.k_proj.register_forward_pre_hook(self._start(j), prepend=True))
+            self.handles.append(layer.self_attn.k_proj.register_forward_hook(self._end(j)))
 
-    def _hook(self, j: int):
+    def _start(self, j: int):
         def hook(mod, args):
             if args[0].shape[1] > 1:
                 self.calls.setdefault(j, []).append(args[0])
+                self.t0 = time.perf_counter()
         return hook
 
-    def pairs(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(layer, all rows, kept rows) of each layer whose keys were projected twice."""
-        return [(j, c[0], c[1]) for j, c in sorted(self.calls.items()) if len(c) == 2]
+    def _end(self, j: int):
+        def hook(mod, args, out):
+            if len(self.calls.get(j, ())) > len(self.times.get(j, ())):
+                self.times.setdefault(j, []).append(time.perf_counter() - self.t0)
+        return hook
+
+    def pairs(self) -> list[tuple[int, torch.Tensor, torch.Tensor, float]]:
+        """(layer, all rows, kept rows, time of the all-rows projection in the run) of each layer
+        whose keys were projected twice."""
+        return [(j, c[0], c[1], self.times[j][0]) for j, c in sorted(self.calls.items()) if len(c) == 2]
 
     def remove(self) -> None:
         for h in self.handles:
@@ -531,15 +543,17 @@ def schedules_at_full(spec: Spec, variants: list[str], budget: float) -> dict[st
     return out
 
 
-def saved_projection(model: Any, pairs: list[tuple[int, torch.Tensor, torch.Tensor]],
+def saved_projection(model: Any, runs: list[list[tuple[int, torch.Tensor, torch.Tensor, float]]],
                      repeats: int = 5) -> dict[str, Any]:
-    """PyramidDrop's key projections, timed on the rows the run saw (``KeyInputs.pairs``): at each
-    stage layer the scoring's projection of all rows and the layer's own of the kept rows (the work
-    the reuse saves), alternately, min over ``repeats``."""
+    """What PyramidDrop's reuse of its scoring keys saves, in the run's own time: at each stage layer
+    the scoring's projection of all rows was timed in every run (``KeyInputs.pairs``, median over
+    runs); the layer's own projection of the kept rows would have cost that times the ratio of the
+    two projections timed back to back on the run's rows (min over ``repeats``, alternating), so
+    machine load between the runs and this measurement cancels."""
     layers = model.model.language_model.layers
-    all_s, kept_s = [], []
+    micro_all, micro_kept, in_run = [], [], []
     with torch.no_grad():
-        for j, every, kept in pairs:
+        for i, (j, every, kept, _) in enumerate(runs[-1]):
             proj = layers[j].self_attn.k_proj
             t: dict[str, list[float]] = {"all": [], "kept": []}
             for _ in range(repeats):
@@ -547,11 +561,15 @@ def saved_projection(model: Any, pairs: list[tuple[int, torch.Tensor, torch.Tens
                     t0 = time.perf_counter()
                     proj(x)
                     t[name].append(time.perf_counter() - t0)
-            all_s.append(min(t["all"]))
-            kept_s.append(min(t["kept"]))
-    return {"layers": [j for j, *_ in pairs], "rows_all": [int(a.shape[1]) for _, a, _ in pairs],
-            "rows_kept": [int(k.shape[1]) for *_, k in pairs], "all_s": sum(all_s), "kept_s": sum(kept_s),
-            "all_s_per_stage": all_s, "kept_s_per_stage": kept_s}
+            micro_all.append(min(t["all"]))
+            micro_kept.append(min(t["kept"]))
+            in_run.append(statistics.median(r[i][3] for r in runs))
+    saved = [t * k / a for t, k, a in zip(in_run, micro_kept, micro_all)]
+    last = runs[-1]
+    return {"layers": [p[0] for p in last], "rows_all": [int(p[1].shape[1]) for p in last],
+            "rows_kept": [int(p[2].shape[1]) for p in last], "all_s_in_run": sum(in_run),
+            "saved_s": sum(saved), "all_s_in_run_per_stage": in_run, "saved_s_per_stage": saved,
+            "back_to_back_all_s": micro_all, "back_to_back_kept_s": micro_kept}
 
 
 def gemm_probe(rows: int = 128, width: int = 4096) -> dict[str, float]:
@@ -761,8 +779,8 @@ def summarise(model, inputs, samples: dict[str, list[dict[str, Any]]], setup: di
         row["scoring_pct"] = 100.0 * row["scoring_s"] / row["prefill_s_median"]
         row["scoring_net_s"], row["scoring_net_pct"] = row["scoring_s"], row["scoring_pct"]
         if runs[-1]["key_inputs"]:  # PyramidDrop: its layer reuses the kept rows' keys the scoring projected
-            row["key_projection"] = kp = saved_projection(model, runs[-1]["key_inputs"])
-            row["scoring_net_s"] = row["scoring_s"] - kp["kept_s"]
+            row["key_projection"] = kp = saved_projection(model, [s["key_inputs"] for s in runs])
+            row["scoring_net_s"] = row["scoring_s"] - kp["saved_s"]
             row["scoring_net_pct"] = 100.0 * row["scoring_net_s"] / row["prefill_s_median"]
         row["overhead_pct"] = 100.0 * med["overhead_s"] / row["prefill_s_median"]
         row["layer_s"] = min(runs, key=lambda s: s["prefill_s"])["layer_s"]
@@ -855,15 +873,17 @@ def markdown(res: dict[str, Any]) -> str:
     ours = [r for r in res["results"] if "scoring_macs_pct" in r]
     if ours:
         lines += ["", "Scoring cost of the LLM-stage methods: time inside `select` (gross), net of the work the "
-                  "model then skips (PyramidDrop: its layer takes the kept rows' keys the scoring projected; that "
-                  "projection, timed on the same rows after the rounds, is subtracted), and the MACs scoring adds "
-                  "to the pruned prefill (analytic, net of that reuse):", "",
-                  "| method | gross ms (% of prefill) | net ms (% of prefill) | key projection all rows / kept rows ms "
+                  "model then skips (PyramidDrop: its layer takes the kept rows' keys the scoring projected; the "
+                  "scoring's projection of all rows is timed in the run, the kept rows' share of it back to back "
+                  "on the same rows after the rounds, and that share is subtracted), and the MACs scoring adds to "
+                  "the pruned prefill (analytic, net of that reuse):", "",
+                  "| method | gross ms (% of prefill) | net ms (% of prefill) | key projection in the run: all rows / "
+                  "kept rows' share ms "
                   f"| added MACs % (this depth / {g['layers_full']} layers) |",
                   "|---|---|---|---|---|"]
         for r in ours:
             kp = r.get("key_projection")
-            kpc = f"{kp['all_s'] * 1e3:.0f} / {kp['kept_s'] * 1e3:.0f}" if kp else "-"
+            kpc = f"{kp['all_s_in_run'] * 1e3:.0f} / {kp['saved_s'] * 1e3:.0f}" if kp else "-"
             lines.append(f"| {r['method']} | {r['scoring_s'] * 1e3:.1f} ({r['scoring_pct']:.2f} %) | "
                          f"{r['scoring_net_s'] * 1e3:.1f} ({r['scoring_net_pct']:.2f} %) | {kpc} | "
                          f"{r['scoring_macs_pct']:.2f} / {r['scoring_macs_pct_full']:.2f} |")
@@ -914,8 +934,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=Path("evals/results"), help="folder for the JSON and markdown")
+    p.add_argument("--stem", default="", help="file name stem (default: bench_speed, bench_speed_<model> for Qwen)")
     a = p.parse_args(argv)
-    stem = "bench_speed" if a.model == "llava" else f"bench_speed_{a.model}"
+    stem = a.stem or ("bench_speed" if a.model == "llava" else f"bench_speed_{a.model}")
     a.out.mkdir(parents=True, exist_ok=True)
     res = run(a.model, a.layers or None, a.methods.split(","), a.budget, a.warmup, a.repeats, a.new_tokens, a.dtype,
               not a.no_peers, not a.no_control, not a.no_profile, a.shared_weights, threads=a.threads,
