@@ -18,6 +18,8 @@ import string
 from collections.abc import Sequence
 from typing import Any
 
+from tokenprune.demo.scoring import iou as box_iou  # IoU of two [x1, y1, x2, y2] boxes
+
 # --- EvalAI answer normalisation (the tables are EvalAI's / MMF's, as in lmms-eval) -----------------
 
 CONTRACTIONS = {
@@ -149,15 +151,6 @@ def parse_box(text: str) -> list[float]:
     """The first ``[a, b, c, d]`` of numbers in ``text`` (lmms-eval's regex); ``[0, 0, 0, 0]`` if none."""
     m = _BOX.search(text)
     return [float(m.group(i)) for i in range(1, 5)] if m else [0.0, 0.0, 0.0, 0.0]
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two ``[x1, y1, x2, y2]`` boxes (0 for degenerate unions)."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def center_hit(pred: Sequence[float], gt: Sequence[float]) -> bool:

@@ -1,61 +1,18 @@
 """Invariant 4: generation with a KV cache after pruning equals cache-free references."""
 
-from dataclasses import dataclass
-
 import pytest
 import tiny
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokenprune
-from tokenprune.core.select import pad_rows
-from tokenprune.core.stage import Stage
-
-
-@dataclass
-class Fixed(tokenprune.Method):
-    """Test method: keep exactly the given original visual indices per sample."""
-
-    name = "fixed"
-    summary = "test only"
-    kept: tuple = ()
-    site: str = "llm"
-    layer: int = 3
-    positions: str = "keep"
-
-    def stages(self, anatomy, budget):
-        def select(ctx):
-            rows = []
-            for b, want in enumerate(self.kept):
-                hit = torch.isin(ctx.orig[b], torch.tensor(want)) & ctx.valid[b]
-                rows.append(hit.nonzero().flatten())
-            return pad_rows(rows)
-
-        return [Stage("fixed", self.site, self.layer, select, self.positions)]
-
-
-def _positions(mask):
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-
-
-def _generate(model, inputs, n):
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, 1)
 
 
 def test_pre_llm_decode_equals_explicitly_pruned_sequence():
     model, proc = tiny.llava()
     inputs = tiny.single(proc, 0)
     with tokenprune.patch(model, "random", budget=0.4, seed=3) as handle:
-        tokens, _ = _generate(model, inputs, 4)
+        tokens, _ = tiny.generate_logits(model, inputs, 4)
     kept = handle.trace.stage("random").kept[0]
     # reference: the unpatched model on the explicitly pruned prompt, original positions, no cache
     ids = inputs["input_ids"][0]
@@ -88,20 +45,11 @@ def test_llm_site_decode_logits_equal_cache_free_recomputation(positions, attn):
     inputs = tiny.batch(proc)  # left padding, and rows keep different counts -> filler columns
     kept = ((0, 2, 3, 7, 8, 15), (1, 4, 5, 9))
     n = 4
-    with tokenprune.patch(model, Fixed(kept=kept, positions=positions)) as handle:
-        tokens, step_logits = _generate(model, inputs, n)
+    with tokenprune.patch(model, tiny.Fixed(kept=kept, positions=positions)) as handle:
+        tokens, step_logits = tiny.generate_logits(model, inputs, n)
         assert [r[r >= 0].tolist() for r in handle.trace.stage("fixed").kept] == [list(k) for k in kept]
         for t in range(n):
-            seq = torch.cat([inputs["input_ids"], tokens[:, :t]], 1)
-            mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :t])], 1)
-            with torch.no_grad():
-                logits = model(
-                    input_ids=seq,
-                    attention_mask=mask,
-                    position_ids=_positions(mask),
-                    pixel_values=inputs["pixel_values"],
-                    use_cache=False,
-                ).logits[:, -1]
+            logits = tiny.cache_free_logits(model, inputs, tokens, t)
             assert torch.allclose(logits, step_logits[:, t], atol=1e-4), (positions, t)
 
 
@@ -110,7 +58,7 @@ def test_renumbered_positions_differ_from_kept_positions():
     inputs = tiny.single(proc, 0)
     out = {}
     for positions in ("keep", "renumber"):
-        with tokenprune.patch(model, Fixed(kept=((0, 5, 10),), positions=positions)), torch.no_grad():
+        with tokenprune.patch(model, tiny.Fixed(kept=((0, 5, 10),), positions=positions)), torch.no_grad():
             out[positions] = model(**inputs).logits[:, -1]
     assert not torch.allclose(out["keep"], out["renumber"])
 
@@ -119,17 +67,6 @@ def test_llava_next_decode_with_pruning_matches_cache_free():
     model, proc = tiny.llava_next()
     inputs = tiny.batch(proc, sizes=((40, 70), (64, 32)))
     with tokenprune.patch(model, "uniform", budget=0.5, site="llm", layer=2):
-        tokens, step_logits = _generate(model, inputs, 3)
+        tokens, step_logits = tiny.generate_logits(model, inputs, 3)
         for t in range(3):
-            seq = torch.cat([inputs["input_ids"], tokens[:, :t]], 1)
-            mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :t])], 1)
-            with torch.no_grad():
-                logits = model(
-                    input_ids=seq,
-                    attention_mask=mask,
-                    position_ids=_positions(mask),
-                    use_cache=False,
-                    pixel_values=inputs["pixel_values"],
-                    image_sizes=inputs["image_sizes"],
-                ).logits[:, -1]
-            assert torch.allclose(logits, step_logits[:, t], atol=1e-4)
+            assert torch.allclose(tiny.cache_free_logits(model, inputs, tokens, t), step_logits[:, t], atol=1e-4)

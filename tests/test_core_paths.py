@@ -9,7 +9,6 @@ import threading
 import pytest
 import tiny
 import torch
-from test_core_cache import Fixed
 
 import tokenprune
 from tokenprune.core.state import cache_of
@@ -32,17 +31,8 @@ def _request(proc, i: int):
 
 
 def _run(model, inputs, handle=None, n: int = 4):
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-    kept = handle.trace.stages[-1].kept[0].tolist() if handle is not None else None
-    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, 1), kept
+    tokens, logits = tiny.generate_logits(model, inputs, n)
+    return tokens, logits, (handle.trace.stages[-1].kept[0].tolist() if handle is not None else None)
 
 
 def _concurrently(fn, n: int) -> list:
@@ -136,7 +126,7 @@ def test_chat_turn_from_cache_equals_fresh_full_prompt(llava, site):
     model, proc = llava
     turn1 = _request(proc, 0)
     kept = [0, 3, 5, 6, 9, 12, 15]
-    method = Fixed(kept=(kept,), site=site)
+    method = tiny.Fixed(kept=(kept,), site=site)
     gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
     with tokenprune.patch(model, method), torch.no_grad():
         out1 = model.generate(**turn1, **gen, return_dict_in_generate=True)

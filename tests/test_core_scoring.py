@@ -187,7 +187,6 @@ def test_scoring_projects_no_key_twice(method, use_cache):
     with layer K-1's own keys (cache or captured projection), PyramidDrop's layer K attends with
     the keys its scoring projected (its own k_proj then gets no rows). FastV and FEATHER also take
     the last token's query from layer K-1's own q_proj; PyramidDrop projects only that query."""
-    from test_pdrop_feather import FixedStages
 
     model, proc = tiny.llava()
     inputs = tiny.batch(proc)  # left padded; the rows keep different counts
@@ -210,6 +209,6 @@ def test_scoring_projects_no_key_twice(method, use_cache):
             assert k == q, (j, q, k)
         own_q.append(q[1] if source == 0 and j in stages else q[0])
     # the reused keys are the ones the layer would have projected: same logits as dictating the kept sets
-    with tokenprune.patch(model, FixedStages(plan=plan, positions="renumber" if method == "pdrop" else "keep")):
+    with tokenprune.patch(model, tiny.Fixed(plan=plan, positions="renumber" if method == "pdrop" else "keep")):
         with torch.no_grad():
             assert torch.allclose(model(**inputs, use_cache=use_cache).logits, logits, atol=1e-5)

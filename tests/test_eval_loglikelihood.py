@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import eval_helpers
 import pytest
+import tiny
 import torch
-from test_core_cache import Fixed
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokenprune
@@ -68,7 +68,7 @@ def test_llm_site_pruning_equals_cached_decoding_of_the_continuation(tiny_dir, i
     """A text-independent LLM-site selection (fixed kept set from layer 3): one forward over prompt +
     continuation equals pruning the prompt in prefill and decoding the continuation token by token."""
     vlm = PrunedVLM(str(tiny_dir))
-    vlm.handle = tokenprune.patch(vlm.model, Fixed(kept=((0, 2, 3, 7, 8, 15),)))
+    vlm.handle = tokenprune.patch(vlm.model, tiny.Fixed(kept=((0, 2, 3, 7, 8, 15),)))
     got, greedy = vlm.loglikelihood(CONTEXT, CONTINUATION, [image])
     full = vlm._inputs(CONTEXT, [image], extra=CONTINUATION)
     n_ctx = vlm._inputs(CONTEXT, [image])["input_ids"].shape[1]

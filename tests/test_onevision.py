@@ -26,16 +26,9 @@ def model():
     return tiny.llava_onevision()
 
 
-def _generate(model, inputs, n=5):
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             return_dict_in_generate=True, output_logits=True)
-    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
-
-
 def test_every_method_is_exact_at_full_budget_or_refused(model):
     inputs = tiny.onevision_inputs(model, SAMPLES["sizes"])
-    ref_tokens, ref_logits = _generate(model, inputs)
+    ref_tokens, ref_logits = tiny.generate_logits(model, inputs)
     served = set()
     for name in sorted(REGISTRY):
         try:
@@ -45,12 +38,12 @@ def test_every_method_is_exact_at_full_budget_or_refused(model):
             assert re.match(r"^[a-z_]+: ", str(err)), err
             continue
         with handle:
-            tokens, logits = _generate(model, inputs)
+            tokens, logits = tiny.generate_logits(model, inputs)
             assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits), name
             assert handle.trace.realized_budget == 1.0, name
         served.add(name)
     assert SERVED <= served
-    tokens, logits = _generate(model, inputs)
+    tokens, logits = tiny.generate_logits(model, inputs)
     assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits)  # removed exactly
 
 
@@ -63,11 +56,11 @@ def test_batch_equals_samples_alone(model, kind, method):
     params = {}
     inputs = tiny.onevision_inputs(model, SAMPLES[kind])
     with tokenprune.patch(model, method, budget=0.5, **params) as handle:
-        tokens, logits = _generate(model, inputs)
+        tokens, logits = tiny.generate_logits(model, inputs)
         kept = handle.trace.stages[-1].kept
         for b in range(2):
             alone = tiny.onevision_inputs(model, SAMPLES[kind][b: b + 1])
-            alone_tokens, alone_logits = _generate(model, alone)
+            alone_tokens, alone_logits = tiny.generate_logits(model, alone)
             assert torch.equal(tokens[b: b + 1], alone_tokens), (b, kind)
             assert torch.allclose(logits[b: b + 1], alone_logits, atol=1e-4), (b, kind)
             one = handle.trace.stages[-1].kept[0]

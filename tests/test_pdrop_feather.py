@@ -2,7 +2,6 @@
 attention weights, budget 1.0 is exact, realised budgets, paper settings, KV-cache decoding under
 both position conventions, the uniform-grid helper and error paths."""
 
-from dataclasses import dataclass
 
 import pytest
 import tiny
@@ -10,8 +9,7 @@ import torch
 
 import tokenprune
 from tokenprune.adapters import anatomy_of
-from tokenprune.core.select import pad_rows, stride_grid
-from tokenprune.core.stage import Stage
+from tokenprune.core.select import stride_grid
 from tokenprune.errors import BudgetError, MethodArgumentError
 from tokenprune.methods.base import build
 from tokenprune.methods.feather import Feather, grid_share
@@ -249,31 +247,6 @@ def test_position_convention_changes_the_computation():
 # ---------------------------------------------------------------- KV-cache decoding
 
 
-@dataclass
-class FixedStages(tokenprune.Method):
-    """Test method: at each (layer, kept) of ``plan`` keep exactly those original visual indices."""
-
-    name = "fixed_stages"
-    summary = "test only"
-    plan: tuple = ()
-    positions: str = "keep"
-
-    def stages(self, anatomy, budget):
-        def make(kept):
-            def select(ctx):
-                return pad_rows([(torch.isin(ctx.orig[b], torch.tensor(want)) & ctx.valid[b]).nonzero().flatten()
-                                 for b, want in enumerate(kept)])
-
-            return select
-
-        return [Stage(f"fixed{i}", "llm", layer, make(kept), self.positions)
-                for i, (layer, kept) in enumerate(self.plan)]
-
-
-def _positions(mask):
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-
-
 @pytest.mark.parametrize("kind", ["llava", "llava_next"])
 @pytest.mark.parametrize("method,positions", [("pdrop", "renumber"), ("pdrop", "keep"),
                                               ("feather", "keep"), ("feather", "renumber")])
@@ -282,17 +255,11 @@ def test_decode_with_cache_equals_cache_free_recomputation(kind, method, positio
     inputs = tiny.batch(proc, SIZES[kind])
     n = 4
     with tokenprune.patch(model, method, budget=0.5, positions=positions) as handle, torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             return_dict_in_generate=True, output_logits=True)
+        tokens, step_logits = tiny.generate_logits(model, inputs, n)
         plan = tuple((st.layer, tuple(tuple(r[r >= 0].tolist()) for r in st.kept)) for st in handle.trace.stages)
-    tokens, step_logits = out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
-    extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
-    with tokenprune.patch(model, FixedStages(plan=plan, positions=positions)), torch.no_grad():
+    with tokenprune.patch(model, tiny.Fixed(plan=plan, positions=positions)):
         for t in range(n):
-            seq = torch.cat([inputs["input_ids"], tokens[:, :t]], 1)
-            mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :t])], 1)
-            logits = model(input_ids=seq, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
-                           pixel_values=inputs["pixel_values"], **extra).logits[:, -1]
+            logits = tiny.cache_free_logits(model, inputs, tokens, t)
             assert torch.allclose(logits, step_logits[:, t], atol=1e-4), (method, positions, t)
 
 

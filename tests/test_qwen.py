@@ -10,7 +10,6 @@ import re
 import pytest
 import tiny
 import torch
-from test_core_cache import Fixed
 from transformers import AttentionInterface
 from transformers.vision_utils import get_vision_window_index
 
@@ -33,13 +32,6 @@ def _model(family: str, attn: str = "sdpa"):
     model = getattr(tiny, family)()
     model.set_attn_implementation(attn)
     return model
-
-
-def _generate(model, inputs, n=5):
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             return_dict_in_generate=True, output_logits=True)
-    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
 
 
 def _row(inputs: dict, b: int) -> dict:
@@ -74,7 +66,7 @@ def _row(inputs: dict, b: int) -> dict:
 def test_every_method_is_exact_at_full_budget_or_refused(family, attn):
     model = _model(family, attn)
     inputs = tiny.qwen_batch()
-    ref_tokens, ref_logits = _generate(model, inputs)
+    ref_tokens, ref_logits = tiny.generate_logits(model, inputs)
     with torch.no_grad():
         ref = model(**inputs).logits
     served = set()
@@ -88,7 +80,7 @@ def test_every_method_is_exact_at_full_budget_or_refused(family, attn):
         with handle:
             with torch.no_grad():
                 assert torch.equal(model(**inputs).logits, ref), name
-            tokens, logits = _generate(model, inputs)
+            tokens, logits = tiny.generate_logits(model, inputs)
             assert torch.equal(tokens, ref_tokens), name
             assert torch.equal(logits, ref_logits), name
             assert handle.trace.realized_budget == 1.0, name
@@ -103,12 +95,12 @@ def _hooks(model) -> set:
 def test_remove_restores_exactly(family):
     model = _model(family)
     inputs = tiny.qwen_batch()
-    ref_tokens, ref_logits = _generate(model, inputs)
+    ref_tokens, ref_logits = tiny.generate_logits(model, inputs)
     hooks_before = _hooks(model)
     handle = tokenprune.patch(model, "fastv", budget=0.4)
-    pruned, _ = _generate(model, inputs)
+    pruned, _ = tiny.generate_logits(model, inputs)
     handle.remove()
-    tokens, logits = _generate(model, inputs)
+    tokens, logits = tiny.generate_logits(model, inputs)
     assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits)
     assert _hooks(model) == hooks_before
     assert "get_image_features" not in model.model.__dict__
@@ -138,11 +130,11 @@ def test_batch_equals_samples_alone(family, kind, method, params):
     model = _model(family)
     inputs = tiny.qwen_inputs(_samples(kind), timestamps=family == "qwen3_vl")
     with tokenprune.patch(model, method, budget=0.5, **params) as handle:
-        tokens, logits = _generate(model, inputs)
+        tokens, logits = tiny.generate_logits(model, inputs)
         kept = handle.trace.stages[-1].kept
         assert 0.45 < handle.trace.realized_budget < 0.6
         for b in range(2):
-            alone_tokens, alone_logits = _generate(model, _row(inputs, b))
+            alone_tokens, alone_logits = tiny.generate_logits(model, _row(inputs, b))
             assert torch.equal(tokens[b: b + 1], alone_tokens), (b, kind)
             assert torch.allclose(logits[b: b + 1], alone_logits, atol=1e-4), (b, kind)
             alone = handle.trace.stages[-1].kept[0]
@@ -153,7 +145,7 @@ def test_video_tokens_are_pruned_per_frame(family):
     model = _model(family)
     inputs = tiny.qwen_inputs(_samples("video"), timestamps=family == "qwen3_vl")
     with tokenprune.patch(model, "uniform", budget=0.5) as handle:
-        _generate(model, inputs, 2)
+        tiny.generate_logits(model, inputs, 2)
     meta = handle.trace.meta
     frames = meta["frame"][0]
     assert frames.tolist() == [0] * 6 + [1] * 6  # 4 frames / temporal patch 2 = 2 frames of 2 x 3 units
@@ -200,7 +192,7 @@ def test_pre_llm_pruning_equals_independent_reference(family, method):
     with tokenprune.patch(model, method, budget=0.3) as handle:
         with torch.no_grad():
             prefill = model(**inputs).logits
-        tokens, logits = _generate(model, inputs, 4)
+        tokens, logits = tiny.generate_logits(model, inputs, 4)
     kept = handle.trace.stage(method).kept[0]
     steps = _reference_logits(model, inputs, kept, 4)
     assert torch.allclose(prefill, steps[0], atol=1e-4)
@@ -235,8 +227,8 @@ def test_cache_decode_equals_cache_free_recomputation(family, site, layer):
     inputs = tiny.qwen_batch(sizes=((96, 128), (64, 64)))  # 48 and 16 merged units
     kept = ((0, 2, 3, 7, 8, 15, 20, 31), (1, 4, 5, 9))
     n = 4
-    with tokenprune.patch(model, Fixed(kept=kept, site=site, layer=layer)) as handle:
-        tokens, step_logits = _generate(model, inputs, n)
+    with tokenprune.patch(model, tiny.Fixed(kept=kept, site=site, layer=layer)) as handle:
+        tokens, step_logits = tiny.generate_logits(model, inputs, n)
         assert [r[r >= 0].tolist() for r in handle.trace.stage("fixed").kept] == [list(k) for k in kept]
         for t in range(n):
             pad = torch.ones_like(tokens[:, :t])
@@ -285,14 +277,14 @@ def test_deepstack_follows_tokens_dropped_inside_the_llm():
     with torch.no_grad():
         ref = model(**inputs).logits
     every = tuple(tuple(range(k)) for k in n)
-    with tokenprune.patch(model, Fixed(kept=every, layer=1)), torch.no_grad():
+    with tokenprune.patch(model, tiny.Fixed(kept=every, layer=1)), torch.no_grad():
         assert torch.equal(model(**inputs).logits, ref)
     calls = []
     lm = model.model.language_model
     original = lm._deepstack_process
     lm._deepstack_process = lambda h, m, e: calls.append((h.shape[1], int(m.sum()), e.shape[0])) or original(h, m, e)
     try:
-        with tokenprune.patch(model, Fixed(kept=((0, 2), (1,)), layer=1)), torch.no_grad():
+        with tokenprune.patch(model, tiny.Fixed(kept=((0, 2), (1,)), layer=1)), torch.no_grad():
             model(**inputs)
     finally:
         del lm._deepstack_process
@@ -403,7 +395,7 @@ def test_early_exit_fills_skipped_qwen3_layers_exactly():
     inputs = tiny.qwen_inputs(_samples("sizes")[:1])
     n = 8
     with tokenprune.patch(model, "early_exit", threshold=0.93, min_layer=1) as handle:
-        tokens, step_logits = _generate(model, inputs, n)
+        tokens, step_logits = tiny.generate_logits(model, inputs, n)
     layers = handle.trace.early_exit.layers_per_token[0]
     # on this tiny model: tokens exit at varied depths, and a later token reads an exited one's fill
     assert any(int(layers[t]) < int(layers[u]) for t in range(n - 1) for u in range(t + 1, n - 1)), layers

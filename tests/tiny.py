@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,6 +38,10 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
 )
+
+import tokenprune
+from tokenprune.core.select import pad_rows
+from tokenprune.core.stage import Stage
 
 CORPUS = [
     "USER: what is shown in the picture? ASSISTANT: a red square on a blue background.",
@@ -240,6 +245,52 @@ def single(proc, i: int, sizes=((40, 48), (32, 32)), prompts=PROMPTS):
 def greedy(model, inputs, n: int = 5):
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+
+def generate_logits(model, inputs, n: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ``generate`` of exactly ``n`` tokens: (new tokens (B, n), logits of each step (B, n, V))."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+
+
+def cache_free_logits(model, inputs, tokens: torch.Tensor, t: int) -> torch.Tensor:
+    """Last-position logits of the prompt + the first ``t`` generated ``tokens``, recomputed in one forward
+    without a cache (1-D positions from the mask; images from ``inputs``): the reference for decode step t."""
+    seq = torch.cat([inputs["input_ids"], tokens[:, :t]], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :t])], 1)
+    extra = {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
+    with torch.no_grad():
+        return model(input_ids=seq, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).masked_fill(mask == 0, 1),
+                     use_cache=False, **extra).logits[:, -1]
+
+
+@dataclass
+class Fixed(tokenprune.Method):
+    """Test method: keep exactly the given original visual indices per sample -- ``kept`` at one ``layer``,
+    or at each ``(layer, kept)`` of ``plan`` (stages named fixed, or fixed0, fixed1, ...)."""
+
+    name = "fixed"
+    summary = "test only"
+    kept: tuple = ()
+    site: str = "llm"
+    layer: int = 3
+    positions: str = "keep"
+    plan: tuple = ()
+
+    def stages(self, anatomy, budget):
+        def make(kept):
+            def select(ctx):
+                return pad_rows([(torch.isin(ctx.orig[b], torch.tensor(want)) & ctx.valid[b]).nonzero().flatten()
+                                 for b, want in enumerate(kept)])
+
+            return select
+
+        if not self.plan:
+            return [Stage("fixed", self.site, self.layer, make(self.kept), self.positions)]
+        return [Stage(f"fixed{i}", self.site, layer, make(kept), self.positions)
+                for i, (layer, kept) in enumerate(self.plan)]
 
 
 # --- Qwen2-VL / Qwen2.5-VL / Qwen3-VL: packed tower, 2x2 merged units, M-RoPE -------------------------

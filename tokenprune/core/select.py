@@ -19,6 +19,20 @@ def pad_rows(rows: list[torch.Tensor], device: torch.device | None = None) -> to
     return out
 
 
+def pad_rows_with_features(rows: list[tuple[torch.Tensor, torch.Tensor]], like: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of (positions, features) of different lengths, each put in position order, as a selection
+    (B, max) padded with -1 and features (B, max, D) padded with zeros (dtype and device of ``like``)."""
+    width = max((int(p.numel()) for p, _ in rows), default=0)
+    sel = torch.full((len(rows), width), -1, dtype=torch.long)
+    out = like.new_zeros(len(rows), width, like.shape[-1])
+    for b, (p, f) in enumerate(rows):
+        order = p.argsort()
+        sel[b, : p.numel()] = p[order]
+        out[b, : p.numel()] = f[order.to(f.device)]
+    return sel, out
+
+
 def keep_counts(n: torch.Tensor, ratio: float) -> torch.Tensor:
     """Tokens each row keeps at a keep-ratio: round(n * ratio), at least 1 where n > 0."""
     k = torch.round(n.double() * ratio).long()

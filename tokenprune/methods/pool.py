@@ -29,7 +29,7 @@ import torch
 
 from ..adapters.base import Anatomy
 from ..core.budget import require_budget
-from ..core.select import allocate
+from ..core.select import allocate, pad_rows_with_features
 from ..core.stage import Context, Stage
 from ._images import crops, images
 from .base import Method, register
@@ -92,16 +92,8 @@ class Pool(Method):
                                          ctx.meta["row"][b, crop].cpu(), ctx.meta["col"][b, crop].cpu(), k)
                         pos.append(crop[c])
                         feats.append(f)
-                p = torch.cat(pos) if pos else torch.zeros(0, dtype=torch.long)
-                f = torch.cat(feats) if feats else ctx.features.new_zeros(0, dim)
-                order = p.argsort()
-                rows.append((p[order], f[order.to(f.device)]))
-            width = max((int(p.numel()) for p, _ in rows), default=0)
-            sel = torch.full((b_size, width), -1, dtype=torch.long)
-            out = ctx.features.new_zeros(b_size, width, dim)
-            for b, (p, f) in enumerate(rows):
-                sel[b, : p.numel()] = p
-                out[b, : p.numel()] = f
-            return sel, out
+                rows.append((torch.cat(pos) if pos else torch.zeros(0, dtype=torch.long),
+                             torch.cat(feats) if feats else ctx.features.new_zeros(0, dim)))
+            return pad_rows_with_features(rows, ctx.features)
 
         return [Stage(self.name, "pre_llm", -1, select, info={"position": "window centre"})]

@@ -43,7 +43,7 @@ import torch
 from ..adapters.base import Anatomy
 from ..core.budget import require_budget
 from ..core.merge import group_sum, nearest
-from ..core.select import allocate
+from ..core.select import allocate, pad_rows_with_features
 from ..core.stage import Context, Stage
 from ..errors import MethodArgumentError, SiteError
 from ._tower import attention_score, feature_layers, score_layer
@@ -108,7 +108,7 @@ class VisionZip(Method):
                 hidden = ctx.features
             if ctx.meta["tile"].numel() and bool((ctx.meta["tile"] == -2).any()) and len(layers) > 1:
                 raise SiteError("method: visionzip with a CLS feature and several feature layers is not supported")
-            b_size, dim = ctx.orig.shape[0], ctx.features.shape[-1]
+            b_size = ctx.orig.shape[0]
             rows = []
             for b in range(b_size):
                 dom, tgt, tokens = [], [], []
@@ -123,16 +123,8 @@ class VisionZip(Method):
                 own = ctx.features[b, dom_b.to(ctx.features.device)]
                 project = ctx.project if ctx.project is not None else (lambda x: x)
                 made = project(torch.cat(tokens).to(ctx.features.device)) if tgt_b.numel() else own[:0]
-                pos = torch.cat([dom_b, tgt_b])
-                order = pos.argsort()
-                rows.append((pos[order], torch.cat([own, made.to(own.dtype)])[order.to(own.device)]))
-            width = max(int(p.numel()) for p, _ in rows)
-            sel = torch.full((b_size, width), -1, dtype=torch.long)
-            feats = ctx.features.new_zeros(b_size, width, dim)
-            for b, (p, f) in enumerate(rows):
-                sel[b, : p.numel()] = p
-                feats[b, : p.numel()] = f
-            return sel, feats
+                rows.append((torch.cat([dom_b, tgt_b]), torch.cat([own, made.to(own.dtype)])))
+            return pad_rows_with_features(rows, ctx.features)
 
         return [Stage(self.name, "pre_llm", -1, select, capture=tuple(sorted({*layers, scored})))]
 
