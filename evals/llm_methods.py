@@ -43,9 +43,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import tokenprune  # noqa: E402
 from tokenprune.adapters import anatomy_of  # noqa: E402
-from tokenprune.demo import load, prompt, score, shapes  # noqa: E402
+from tokenprune.demo import MODEL_KINDS, fixture_shapes, load, prompt, score  # noqa: E402
+from tokenprune.demo.build import untrained  # noqa: E402
 from tokenprune.demo.generator import KINDS  # noqa: E402
-from tokenprune.errors import BudgetError  # noqa: E402
+from tokenprune.errors import BudgetError, TokenPruneError  # noqa: E402
 from tokenprune.flops import estimate  # noqa: E402
 
 # (row label, method, parameters); budgets are added per run
@@ -72,19 +73,6 @@ PAPER: list[tuple[str, str, dict[str, Any]]] = [
 MAX_NEW = 12
 
 
-def untrained(kind: str, seed: int = 0) -> tuple[Any, Any]:
-    """An untrained model with the fixture's exact architecture (for checking the plumbing only)."""
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
-
-    from tokenprune.demo import build as B
-
-    torch.manual_seed(seed)
-    tok = B.build_tokenizer()
-    if kind == "llava":
-        return LlavaForConditionalGeneration(B.llava_config(tok)).eval(), B.llava_processor(tok)
-    return LlavaNextForConditionalGeneration(B.llava_next_config(tok)).eval(), B.llava_next_processor(tok)
-
-
 class Geometry:
     """``y`` of every visual token of a sample (NaN for newline/CLS tokens), from the adapter."""
 
@@ -92,11 +80,11 @@ class Geometry:
         self.anatomy = anatomy_of(model)
         self.cache: dict[tuple, torch.Tensor] = {}
 
-    def y(self, n: int, image_size: torch.Tensor | None) -> torch.Tensor:
-        key = (n, None if image_size is None else tuple(int(v) for v in image_size))
+    def y(self, n: int, geometry: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``geometry``: the sample's own ``image_sizes`` (LLaVA-NeXT) / ``image_grid_thw`` (Qwen) rows."""
+        key = (n, *((k, tuple(v.flatten().tolist())) for k, v in sorted(geometry.items())))
         if key not in self.cache:
-            sizes = None if image_size is None else image_size[None]
-            (lay,) = self.anatomy.layouts([n], {"image_sizes": sizes})
+            (lay,) = self.anatomy.layouts([n], {"image_sizes": None, **geometry})
             self.cache[key] = torch.where(lay.tile >= 0, lay.y, torch.nan)
         return self.cache[key]
 
@@ -110,9 +98,10 @@ def top_half_share(kept: torch.Tensor, y: torch.Tensor) -> float:
 
 @torch.no_grad()
 def run(model: Any, proc: Any, examples: list[dict], bs: int, label: str, method: str | None,
-        params: dict[str, Any], budget: float | None, geometry: Geometry) -> dict[str, Any]:
+        params: dict[str, Any], budget: float | None, geometry: Geometry, kind: str) -> dict[str, Any]:
     """Greedy answers for all ``examples`` under one configuration; accuracy per kind, realised
-    budget, stage layers and top-half shares."""
+    budget, stage layers and top-half shares. A configuration the library refuses on this model (a
+    typed error at ``patch()``) is reported with its message."""
     tok = proc.tokenizer
     image_id = model.config.image_token_id
     per_kind: dict[str, list[float]] = defaultdict(list)
@@ -123,11 +112,13 @@ def run(model: Any, proc: Any, examples: list[dict], bs: int, label: str, method
             handle = tokenprune.patch(model, method, budget=budget, **params)
         except BudgetError as e:
             return {"label": label, "method": method, "params": params, "budget": budget, "unreachable": str(e)}
+        except TokenPruneError as e:
+            return {"label": label, "method": method, "params": params, "budget": budget, "refused": str(e)}
     t0 = time.time()
     try:
         for i in range(0, len(examples), bs):
             chunk = examples[i:i + bs]
-            inputs = proc(images=[ex["image"] for ex in chunk], text=[prompt(ex["question"]) for ex in chunk],
+            inputs = proc(images=[ex["image"] for ex in chunk], text=[prompt(ex["question"], kind) for ex in chunk],
                           return_tensors="pt", padding=True)
             out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tok.pad_token_id)
             preds = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -145,9 +136,9 @@ def run(model: Any, proc: Any, examples: list[dict], bs: int, label: str, method
             stages = trace.stages
             layers = [(st.name, st.site, st.layer) for st in stages]
             n_vis = (inputs["input_ids"] == image_id).sum(-1)
-            sizes = inputs.get("image_sizes")
             for b in range(len(chunk)):
-                y = geometry.y(int(n_vis[b]), None if sizes is None else sizes[b])
+                y = geometry.y(int(n_vis[b]), {k: inputs[k][b:b + 1] for k in ("image_sizes", "image_grid_thw")
+                                               if k in inputs})
                 top_first.append(top_half_share(stages[0].kept[b], y))
                 top_last.append(top_half_share(stages[-1].kept[b], y))
     finally:
@@ -177,9 +168,10 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         budget = "-" if r["budget"] is None else f"{r['budget']:g}"
-        if "unreachable" in r:
-            lines.append(f"| {r['label']} | {budget} | unreachable | " + " | ".join("" for _ in KINDS)
-                         + f" | | | | {r['unreachable']} |")
+        why = next((w for w in ("unreachable", "refused") if w in r), None)
+        if why:
+            lines.append(f"| {r['label']} | {budget} | {why} | " + " | ".join("" for _ in KINDS)
+                         + f" | | | | {r[why]} |")
             continue
         acc = r["accuracy"]
         stages = ", ".join(f"{name}@{layer}" for name, _, layer in r.get("stages") or [])
@@ -194,7 +186,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kind", default="llava", choices=["llava", "llava_next"])
+    ap.add_argument("--kind", default="llava", choices=[k for k in MODEL_KINDS if k != "vit"])
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budgets", default="0.1,0.2,0.35,0.5")
@@ -219,29 +211,31 @@ def main() -> None:
         ckpt = args.ckpt or "bundled"
     proc.tokenizer.padding_side = "left"
     model.set_attn_implementation("sdpa")
-    examples = shapes("test", args.n, seed=args.seed)
+    examples = fixture_shapes(args.kind, "test", args.n, args.seed)
     budgets = [float(b) for b in args.budgets.split(",") if b]
     only = set(filter(None, args.only.split(",")))
     unknown = only - {label for label, _, _ in CONFIGS}
     if unknown:
         sys.exit(f"--only: unknown labels {sorted(unknown)}")
     geometry = Geometry(model)
-    probe = proc(images=[examples[0]["image"]], text=[prompt(examples[0]["question"])], return_tensors="pt")
+    probe = proc(images=[examples[0]["image"]], text=[prompt(examples[0]["question"], args.kind)],
+                 return_tensors="pt")
     meta = {"kind": args.kind, "n": args.n, "seed": args.seed, "checkpoint": ckpt, "only": sorted(only),
             "n_visual": int((probe["input_ids"] == model.config.image_token_id).sum()),
             "llm_layers": model.config.text_config.num_hidden_layers, "threads": args.threads}
-    rows = [run(model, proc, examples, args.bs, "unpruned", None, {}, None, geometry)]
+    rows = [run(model, proc, examples, args.bs, "unpruned", None, {}, None, geometry, args.kind)]
     print(json.dumps(rows[-1]["accuracy"]), flush=True)
     for label, method, params in [] if args.no_paper else PAPER:
-        rows.append(run(model, proc, examples, args.bs, label, method, params, None, geometry))
-        print(f"{label:30s}", rows[-1]["accuracy"], rows[-1]["realized_budget"], flush=True)
+        rows.append(run(model, proc, examples, args.bs, label, method, params, None, geometry, args.kind))
+        r = rows[-1]
+        print(f"{label:30s}", r.get("refused") or f"{r['accuracy']} {r['realized_budget']}", flush=True)
     for budget in budgets:
         for label, method, params in CONFIGS:
             if only and label not in only:
                 continue
-            rows.append(run(model, proc, examples, args.bs, label, method, params, budget, geometry))
+            rows.append(run(model, proc, examples, args.bs, label, method, params, budget, geometry, args.kind))
             r = rows[-1]
-            print(f"{label:30s} b={budget:<5g}", r.get("unreachable") or
+            print(f"{label:30s} b={budget:<5g}", r.get("unreachable") or r.get("refused") or
                   f"{r['accuracy']}  realised {r['realized_budget']}  top-half {r['top_half_last_stage']}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,9 @@ on the vision encoders, HiRED / VisionZip / ToMe-in-tower on the fixture VLMs.
   5th percentile over patches), realised budget and MACs, at three cluster counts, on the ViT fixture's encoder
   and on the LLaVA fixture's CLIP tower used standalone.
 * ``vlm``: per-question-type accuracy (``tokenprune.demo.score``, greedy, 12 new tokens) at budgets 0.1 / 0.2 /
-  0.35 / 0.5 — HiRED and VisionZip on LLaVA-NeXT (HiRED's partitions) and LLaVA-1.5, ToMe inside LLaVA-1.5's
-  tower — with the realised budget and prefill MACs per sample (``tokenprune.flops.estimate``).
+  0.35 / 0.5 — HiRED and VisionZip on LLaVA-NeXT (HiRED's partitions), LLaVA-1.5 and Qwen2.5-VL (windowed,
+  CLS-free tower: received-attention scores; mixed-aspect images), ToMe inside LLaVA-1.5's tower — with the
+  realised budget and prefill MACs per sample (``tokenprune.flops.estimate``).
 
 MACs (multiply-accumulates; FLOPs = 2 x MACs) follow ``tokenprune/flops.py``: per encoder layer on n tokens
 ``4 n d^2 + 2 n^2 d + 2 n d m``, plus the patch embedding, counting the CLS token. Method overheads are listed
@@ -41,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import tokenprune  # noqa: E402
-from tokenprune.demo import KINDS, load, prompt, score, shapes  # noqa: E402
+from tokenprune.demo import KINDS, build, fixture_shapes, load, prompt, score, shapes  # noqa: E402
 from tokenprune.errors import BudgetError  # noqa: E402
 from tokenprune.flops import DecoderGeometry, estimate, flop_counter, layer_macs  # noqa: E402
 
@@ -55,23 +56,7 @@ CLUSTERS = (100, 49, 25)
 
 def fixture(kind: str, untrained: bool) -> tuple[Any, Any]:
     """The bundled fixture, or (``untrained``) a random-weight model of the same architecture."""
-    if not untrained:
-        return load(kind)
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, ViTForImageClassification
-
-    from tokenprune.demo import build as B
-
-    torch.manual_seed(0)
-    if kind == "vit":
-        cfg = B.vit_config()
-        cfg.num_labels = 5
-        cfg.id2label = {i: str(i + 1) for i in range(5)}
-        cfg.label2id = {v: k for k, v in cfg.id2label.items()}
-        return ViTForImageClassification(cfg).eval(), B.vit_image_processor()
-    tok = B.build_tokenizer()
-    if kind == "llava":
-        return LlavaForConditionalGeneration(B.llava_config(tok)).eval(), B.llava_processor(tok)
-    return LlavaNextForConditionalGeneration(B.llava_next_config(tok)).eval(), B.llava_next_processor(tok)
+    return build.untrained(kind) if untrained else load(kind)
 
 
 def geometry(cfg: Any) -> DecoderGeometry:
@@ -190,7 +175,8 @@ def eval_cluster(name: str, encoder: Any, pixels: torch.Tensor, alpha: int, beta
 
 
 @torch.no_grad()
-def eval_vlm(model: Any, proc: Any, examples: list[dict], method: str | None, budget: float, bs: int) -> dict:
+def eval_vlm(model: Any, proc: Any, examples: list[dict], method: str | None, budget: float, bs: int,
+             kind: str) -> dict:
     tok = proc.tokenizer
     tok.padding_side = "left"
     res: dict[str, list[float]] = defaultdict(list)
@@ -204,7 +190,7 @@ def eval_vlm(model: Any, proc: Any, examples: list[dict], method: str | None, bu
     try:
         for i in range(0, len(examples), bs):
             ch = examples[i:i + bs]
-            inp = proc(images=[ex["image"] for ex in ch], text=[prompt(ex["question"]) for ex in ch],
+            inp = proc(images=[ex["image"] for ex in ch], text=[prompt(ex["question"], kind) for ex in ch],
                        return_tensors="pt", padding=True)
             gen = model.generate(**inp, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
             trace = handle.trace if handle is not None else None
@@ -223,7 +209,8 @@ def eval_vlm(model: Any, proc: Any, examples: list[dict], method: str | None, bu
             **acc}
 
 
-VLM_PLAN = {"llava": ("hired", "visionzip", "tome"), "llava_next": ("hired", "visionzip")}
+VLM_PLAN = {"llava": ("hired", "visionzip", "tome"), "llava_next": ("hired", "visionzip"),
+            "qwen2_5_vl": ("hired", "visionzip")}  # ToMe is refused inside Qwen's packed tower
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -251,7 +238,7 @@ def markdown(out: dict) -> str:
             lines.append(f"| {r['encoder']} | {r['alpha']}..{r['beta']} | {r['clusters']} | {r['realised']} | "
                          f"{r['cos_mean']} | {r['cos_p05']} | {r['encoder_MMACs']} ({r['unpruned_MMACs']}) | "
                          f"{r['overhead_MMACs']} | {r['measured_MMACs']} |")
-    for kind in ("llava", "llava_next"):
+    for kind in VLM_PLAN:
         rows = out.get("vlm", {}).get(kind)
         if not rows:
             continue
@@ -273,7 +260,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--bs", type=int, default=25)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--parts", default="vit,cluster,llava,llava_next")
+    ap.add_argument("--parts", default="vit,cluster,llava,llava_next,qwen2_5_vl")
     ap.add_argument("--untrained", action="store_true", help="random-weight fixture architectures (plumbing, MACs)")
     ap.add_argument("--out", default="results/vision_methods")
     args = ap.parse_args()
@@ -284,7 +271,7 @@ def main() -> None:
     out: dict[str, Any] = {"n": args.n, "weights": "random" if args.untrained else "trained", "skipped": {},
                            "vlm": {}}
     models: dict[str, tuple[Any, Any]] = {}
-    for kind in ("vit", "llava", "llava_next"):
+    for kind in ("vit", *VLM_PLAN):
         try:
             models[kind] = fixture(kind, args.untrained)
         except FileNotFoundError as err:
@@ -301,16 +288,17 @@ def main() -> None:
             model, proc = models["llava"]
             px = proc.image_processor([ex["image"] for ex in examples], return_tensors="pt")["pixel_values"]
             out["cluster"] += eval_cluster("clip (llava tower)", model.model.vision_tower, px, 1, 2, args.bs)
-    for kind in ("llava", "llava_next"):
+    for kind in VLM_PLAN:
         if kind not in parts or kind not in models:
             continue
         model, proc = models[kind]
-        rows = [eval_vlm(model, proc, examples, None, 1.0, args.bs)]
+        examples = fixture_shapes(kind, "test", args.n)
+        rows = [eval_vlm(model, proc, examples, None, 1.0, args.bs, kind)]
         print(f"  {kind}", rows[-1], flush=True)
         for method in VLM_PLAN[kind]:
             for budget in VLM_BUDGETS:
                 try:
-                    rows.append(eval_vlm(model, proc, examples, method, budget, args.bs))
+                    rows.append(eval_vlm(model, proc, examples, method, budget, args.bs, kind))
                 except BudgetError as err:
                     rows.append({"method": method, "budget": budget, "error": str(err), "realised": None,
                                  "prefill_GMACs": None, "mean": None})

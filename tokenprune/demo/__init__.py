@@ -1,6 +1,7 @@
 """Bundled demo: the synthetic *shapes* benchmark and small trained fixture models (no download).
 
 * :func:`shapes` -- deterministic benchmark examples (attribute / counting / existence / localization / box).
+* :func:`fixture_shapes` -- the examples a fixture is evaluated on (its image aspect).
 * :func:`load` -- ``(model, processor)`` for the bundled ``"llava"``, ``"llava_next"``, ``"qwen2_5_vl"`` or
   ``"vit"`` fixture.
 * :func:`prompt` -- the prompt format the fixtures were trained with.
@@ -10,7 +11,7 @@
 from __future__ import annotations
 
 from .generator import KINDS, shapes
-from .loading import CHECKPOINT_DIR, MODEL_KINDS, checkpoint_path, load
+from .loading import CHECKPOINT_DIR, MODEL_KINDS, checkpoint_path, fixture_shapes, load
 from .scoring import iou, parse_box, prompt, score
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "KINDS",
     "MODEL_KINDS",
     "checkpoint_path",
+    "fixture_shapes",
     "iou",
     "load",
     "parse_box",

@@ -222,3 +222,28 @@ def vit_image_processor() -> ViTImageProcessorPil:
     """Resize to 112 px (bicubic), CLIP normalisation."""
     return ViTImageProcessorPil(size={"height": VISION_SIZE, "width": VISION_SIZE}, resample=3,
                                 image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
+
+
+def untrained(kind: str, seed: int = 0) -> tuple[Any, Any]:
+    """A random-weight model (eval mode) of fixture ``kind``'s exact architecture and its processor: for
+    plumbing and MACs checks without a checkpoint (accuracies are meaningless)."""
+    import torch
+    from transformers import (
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+        Qwen2_5_VLForConditionalGeneration,
+        ViTForImageClassification,
+    )
+
+    torch.manual_seed(seed)
+    if kind == "vit":
+        return ViTForImageClassification(vit_config()).eval(), vit_image_processor()
+    if kind == "qwen2_5_vl":
+        tok = build_tokenizer(qwen=True)
+        return Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tok)).eval(), qwen2_5_vl_processor(tok)
+    tok = build_tokenizer()
+    if kind == "llava":
+        return LlavaForConditionalGeneration(llava_config(tok)).eval(), llava_processor(tok)
+    if kind == "llava_next":
+        return LlavaNextForConditionalGeneration(llava_next_config(tok)).eval(), llava_next_processor(tok)
+    raise ValueError(f"kind must be one of llava, llava_next, qwen2_5_vl, vit; got {kind!r}")

@@ -16,6 +16,15 @@ def checkpoint_path(kind: str = "llava") -> Path:
     return CHECKPOINT_DIR / kind
 
 
+def fixture_shapes(kind: str, split: str = "test", n: int = 500, seed: int = 0) -> list[dict[str, Any]]:
+    """The ``shapes`` examples fixture ``kind`` is evaluated on: square, wide and tall images
+    (``aspect="mixed"``) for ``qwen2_5_vl``, which was trained on them; square images otherwise."""
+    from .generator import shapes
+
+    checkpoint_path(kind)  # validates kind
+    return shapes(split, n, seed=seed, aspect="mixed" if kind == "qwen2_5_vl" else "square")
+
+
 def load(kind: str = "llava", path: str | Path | None = None) -> tuple[Any, Any]:
     """Return ``(model, processor)`` of the bundled fixture ``kind`` ("llava", "llava_next", "qwen2_5_vl" or "vit").
 
