@@ -23,14 +23,20 @@ KINDS = ("attribute", "counting", "existence", "localization", "box")
 
 
 def rows_from_llm(data: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
-    """``(label, budget, accuracy)`` rows of an ``llm_methods`` result (paper-setting rows left out)."""
+    """``(label, budget, accuracy)`` rows of an ``llm_methods`` result (paper-setting rows and configurations
+    the library refuses on the model left out: see :func:`refusals`)."""
     rows = []
     for r in data["rows"]:
-        if "paper" in r["label"]:
+        if "paper" in r["label"] or "refused" in r:
             continue
         rows.append({"label": r["label"], "budget": r["budget"], "acc": r.get("accuracy") or None,
                      "gmacs": r.get("prefill_GMACs")})
     return rows, int(data["meta"]["n"])
+
+
+def refusals(data: dict[str, Any]) -> dict[str, str]:
+    """Row label -> the library's message, for the configurations refused on the model at ``patch()``."""
+    return {r["label"]: r["refused"] for r in data["rows"] if "refused" in r and "paper" not in r["label"]}
 
 
 def rows_from_vision(data: dict[str, Any], kind: str) -> tuple[list[dict[str, Any]], int]:
@@ -46,7 +52,8 @@ def rows_from_vision(data: dict[str, Any], kind: str) -> tuple[list[dict[str, An
     return rows, int(data["n"])
 
 
-def markdown(llm: list[dict[str, Any]], n_llm: str, vis: list[dict[str, Any]], n_vis: str, kind: str) -> str:
+def markdown(llm: list[dict[str, Any]], n_llm: str, vis: list[dict[str, Any]], n_vis: str, kind: str,
+             refused: dict[str, str] | None = None) -> str:
     budgets = sorted({r["budget"] for r in llm + vis if r["budget"] is not None}, reverse=True)
     labels = list(dict.fromkeys(r["label"] for r in llm + vis if r["budget"] is not None))
     cell = {(r["label"], r["budget"]): r for r in llm + vis}
@@ -60,6 +67,8 @@ def markdown(llm: list[dict[str, Any]], n_llm: str, vis: list[dict[str, Any]], n
              f"tower). Unpruned: {unpruned['mean']} (first llm_methods file). \"—\": budget unreachable for that "
              "method on this model "
              "(the library's typed error).",
+             *[f"Refused on this model (typed error at `patch()`): {label}: {msg}"
+               for label, msg in (refused or {}).items()],
              "",
              "| budget | " + " | ".join(labels) + " |",
              "|---|" + "---|" * len(labels)]
@@ -99,13 +108,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llm", required=True, nargs="+", help="llm_methods JSON files (the first has the unpruned row)")
     ap.add_argument("--vision", required=True, nargs="+", help="vision_methods JSON files")
-    ap.add_argument("--kind", default="llava", choices=["llava", "llava_next"])
+    ap.add_argument("--kind", default="llava", choices=["llava", "llava_next", "qwen2_5_vl"])
     ap.add_argument("--out", default="results/methods_llava")
     args = ap.parse_args()
-    llm, vis, n_llm, n_vis = [], [], [], []
+    llm, vis, n_llm, n_vis, refused = [], [], [], [], {}
     for path in args.llm:
         with open(path) as f:
-            rows, n = rows_from_llm(json.load(f))
+            data = json.load(f)
+        rows, n = rows_from_llm(data)
+        refused.update(refusals(data))
         llm += rows
         n_llm.append(str(n))
     for path in args.vision:
@@ -113,7 +124,7 @@ def main() -> None:
             rows, n = rows_from_vision(json.load(f), args.kind)
         vis += rows
         n_vis.append(str(n))
-    text = markdown(llm, " / ".join(n_llm), vis, " / ".join(n_vis), args.kind)
+    text = markdown(llm, " / ".join(n_llm), vis, " / ".join(n_vis), args.kind, refused)
     with open(args.out + ".md", "w") as f:
         f.write(text)
     print(text)

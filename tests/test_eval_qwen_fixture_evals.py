@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from evals import llm_methods, vision_methods
+from evals import llm_methods, methods_table, vision_methods
 from tokenprune.demo import fixture_shapes, prompt
 from tokenprune.demo.build import untrained
 
@@ -48,14 +48,20 @@ def test_llm_methods_runs_and_reports_refusals_on_qwen():
     torch.manual_seed(0)
     model, proc = untrained("qwen2_5_vl")
     proc.tokenizer.padding_side = "left"
-    examples = fixture_shapes("qwen2_5_vl", "test", 2)
+    examples = fixture_shapes("qwen2_5_vl", "test", 5)  # one question of each kind
     geo = llm_methods.Geometry(model)
-    row = llm_methods.run(model, proc, examples, 2, "uniform", "uniform", {}, 0.5, geo, "qwen2_5_vl")
+    row = llm_methods.run(model, proc, examples, 5, "uniform", "uniform", {}, 0.5, geo, "qwen2_5_vl")
     assert abs(row["realized_budget"] - 0.5) < 0.01 and 0.0 <= row["top_half_last_stage"] <= 1.0
-    refused = llm_methods.run(model, proc, examples, 2, "pdrop", "pdrop", {}, 0.5, geo, "qwen2_5_vl")
+    refused = llm_methods.run(model, proc, examples, 5, "pdrop", "pdrop", {}, 0.5, geo, "qwen2_5_vl")
     assert "positions" in refused["refused"]  # renumbering has no meaning for 3-D M-RoPE positions
     assert "refused" in llm_methods.markdown({"kind": "qwen2_5_vl", "n": 2, "checkpoint": "-", "n_visual": 144,
                                               "llm_layers": 8}, [row, refused])
+    base = llm_methods.run(model, proc, examples, 5, "unpruned", None, {}, None, geo, "qwen2_5_vl")
+    data = {"meta": {"n": 2}, "rows": [base, row, refused]}
+    rows, _ = methods_table.rows_from_llm(data)  # one table: refused configurations are named, not blank cells
+    assert [r["label"] for r in rows] == ["unpruned", "uniform"]
+    text = methods_table.markdown(rows, "2", [], "-", "qwen2_5_vl", methods_table.refusals(data))
+    assert "Refused on this model" in text and "pdrop: positions" in text
 
 
 def test_vision_methods_runs_hired_on_qwen():
