@@ -25,9 +25,9 @@ KINDS = ("attribute", "counting", "existence", "localization", "box")
 def rows_from_llm(data: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
     """``(label, budget, accuracy)`` rows of an ``llm_methods`` result (paper-setting rows and configurations
     the library refuses on the model left out: see :func:`refusals`)."""
-    rows = []
+    rows, refused = [], refusals(data)
     for r in data["rows"]:
-        if "paper" in r["label"] or "refused" in r:
+        if "paper" in r["label"] or r["label"] in refused:
             continue
         rows.append({"label": r["label"], "budget": r["budget"], "acc": r.get("accuracy") or None,
                      "gmacs": r.get("prefill_GMACs")})
