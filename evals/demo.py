@@ -1,6 +1,6 @@
-"""``tokenprune demo``: the bundled LLaVA fixture, unpruned and a few methods at budget 0.2 on a few
-hundred shapes test questions; prints the table and the files it wrote (results, plots, overlays; under
-``results/demo`` by default). No download."""
+"""``tokenprune demo``: a bundled fixture (LLaVA-1.5 by default; ``--model bundled:llava_next`` or
+``bundled:qwen2_5_vl``), unpruned and a few methods at budget 0.2 on a few hundred shapes test questions; prints the
+table and the files it wrote (results, plots, overlays; under ``results/demo`` by default). No download."""
 
 from __future__ import annotations
 
@@ -10,16 +10,20 @@ from pathlib import Path
 from typing import Any
 
 DEMO_METHODS = ("random", "uniform", "fastv", "pdrop", "feather")
+# On M-RoPE the kept tokens keep their 3-D positions: PyramidDrop and FEATHER (which renumber) are refused there.
+DEMO_METHODS_MROPE = ("random", "uniform", "fastv", "divprune", "dart")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's options."""
     p.add_argument("--out", type=Path, default=Path("results/demo"), help="output folder (default results/demo)")
-    p.add_argument("--model", default="bundled:llava", help="bundled:llava (default), bundled:llava_next or a folder")
+    p.add_argument("--model", default="bundled:llava",
+                   help="bundled:llava (default), bundled:llava_next, bundled:qwen2_5_vl or a model folder")
     p.add_argument("--n", type=int, default=300, help="shapes test questions (default 300)")
     p.add_argument("--budget", type=float, default=0.2)
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated; default: the registered ones of {', '.join(DEMO_METHODS)}")
+                   help=f"comma-separated; default: the registered ones of {', '.join(DEMO_METHODS)} "
+                        f"(Qwen: {', '.join(DEMO_METHODS_MROPE)})")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--latency-samples", type=int, default=8)
     p.add_argument("--threads", type=int, default=1,
@@ -47,11 +51,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not (checkpoint_path(kind) / "config.json").is_file():
             raise SystemExit(
                 f"tokenprune demo: the bundled {kind} fixture is not installed at {checkpoint_path(kind)}; "
-                f"reinstall tokenprune-vlm, or pass --model PATH to a LLaVA checkpoint folder."
+                f"reinstall tokenprune-vlm, or pass --model PATH to a checkpoint folder."
             )
     registered = tokenprune.methods()
+    default = DEMO_METHODS_MROPE if "qwen" in args.model else DEMO_METHODS
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else [
-        m for m in DEMO_METHODS if m in registered]
+        m for m in default if m in registered]
     t0 = time.perf_counter()
     cfg = EvalConfig(model=args.model, tasks=["shapes"], methods=["none", *methods], budgets=[args.budget],
                      out=args.out, limit=args.n, batch_size=args.batch_size, latency_samples=args.latency_samples,

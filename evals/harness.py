@@ -78,9 +78,16 @@ def available_methods(requested: list[str]) -> tuple[list[str], dict[str, str]]:
     return keep, skipped
 
 
+def _fixture(cfg: EvalConfig) -> str | None:
+    """The bundled fixture under test (``bundled:KIND`` -> ``KIND``), else None."""
+    return cfg.model.split(":", 1)[1] if cfg.model.startswith("bundled:") else None
+
+
 def _style(cfg: EvalConfig) -> str:
-    """Bundled fixtures were trained on LLaVA-1.5's prompt: ``auto`` means that for them."""
-    return "llava" if cfg.prompt_style == "auto" and cfg.model.startswith("bundled:") else cfg.prompt_style
+    """Bundled fixtures were trained on their own single-turn prompt (``tokenprune.demo.prompt(q, kind)``):
+    ``auto`` means that for them."""
+    fixture = _fixture(cfg)
+    return fixture if cfg.prompt_style == "auto" and fixture else cfg.prompt_style
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -110,7 +117,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     cells: list[dict[str, Any]] = []
     num_layers = model.config.get_text_config().num_hidden_layers
     for task_name in cfg.tasks:
-        task = get_task(task_name)
+        task = get_task(task_name, fixture=_fixture(cfg))
         docs = task.docs(cfg.limit, cfg.seed, cfg.data.get(task_name))
         opts = RunOptions(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, device=device, dtype=dtype,
                           seed=cfg.seed, prompt_style=_style(cfg), overlays=cfg.overlays)

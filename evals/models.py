@@ -27,8 +27,8 @@ def resolve_dtype(name: str | None) -> torch.dtype | None:
 
 def load_model(spec: str, device: str = "cpu", dtype: str | None = None, attn_implementation: str | None = "sdpa",
                int8: bool = False) -> tuple[Any, Any]:
-    """``(model, processor)`` for ``spec``: ``bundled:llava`` / ``bundled:llava_next`` (the package's
-    fixtures) or a local checkpoint folder of a supported family (``CLASSES``: LLaVA, LLaVA-NeXT,
+    """``(model, processor)`` for ``spec``: ``bundled:llava`` / ``bundled:llava_next`` / ``bundled:qwen2_5_vl`` (the
+    package's fixtures) or a local checkpoint folder of a supported family (``CLASSES``: LLaVA, LLaVA-NeXT,
     LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Offline only (``local_files_only``)."""
     import transformers
 
@@ -41,8 +41,8 @@ def load_model(spec: str, device: str = "cpu", dtype: str | None = None, attn_im
         path = Path(spec)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
-            raise FileNotFoundError(f"--model: {spec} is neither bundled:llava|bundled:llava_next nor a checkpoint "
-                                    f"folder with config.json (nothing is downloaded)")
+            raise FileNotFoundError(f"--model: {spec} is neither bundled:KIND (llava, llava_next, qwen2_5_vl) nor a "
+                                    f"checkpoint folder with config.json (nothing is downloaded)")
         model_type = json.loads(cfg_file.read_text()).get("model_type")
         if model_type not in CLASSES:
             raise ValueError(f"--model: model_type {model_type!r} is not supported; supported: {sorted(CLASSES)}")
@@ -69,14 +69,15 @@ def load_model(spec: str, device: str = "cpu", dtype: str | None = None, attn_im
 
 def build_prompt(processor: Any, text: str, style: str = "auto") -> str:
     """The prompt for one image + ``text``: the processor's chat template when it has one
-    (``style="auto"``/``"chat"``), else LLaVA-1.5's ``USER: <image>\\n{text} ASSISTANT:``."""
+    (``style="auto"``/``"chat"``); a bundled fixture's kind (``"llava_next"``, ``"qwen2_5_vl"``): that fixture's
+    single-turn prompt (``tokenprune.demo.prompt``); else LLaVA-1.5's ``USER: <image>\\n{text} ASSISTANT:``."""
     template = getattr(processor, "chat_template", None)
     if style == "chat" or (style == "auto" and template):
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return processor.apply_chat_template(msgs, add_generation_prompt=True)
-    from tokenprune.demo import prompt
+    from tokenprune.demo.scoring import PROMPT_KINDS, prompt
 
-    return prompt(text)
+    return prompt(text, style if style in PROMPT_KINDS else "llava")
 
 
 def model_inputs(processor: Any, docs: list[dict[str, Any]], device: str, dtype: torch.dtype | None,

@@ -59,11 +59,11 @@ def patched(model: Any, method: str, budget: float | None, seed: int = 0):
         handle.remove()
 
 
-def _layouts(model: Any, n_visual: int, image_sizes: Any) -> Any:
+def _layouts(model: Any, n_visual: int, meta: dict[str, Any]) -> Any:
     from tokenprune.adapters import anatomy_of
 
     an = anatomy_of(model)
-    return an.layouts([n_visual], {"image_sizes": image_sizes})[0] if an.sequence is not None else None
+    return an.layouts([n_visual], meta)[0] if an.sequence is not None else None
 
 
 def overlay_record(model: Any, inputs: dict[str, Any], trace: Any, b: int) -> dict[str, Any] | None:
@@ -71,9 +71,10 @@ def overlay_record(model: Any, inputs: dict[str, Any], trace: Any, b: int) -> di
     normalised centre (y, x), tile id and the patch grid, for drawing overlays."""
     ids = inputs["input_ids"][b]
     n_vis = int((ids == model.config.image_token_id).sum())
-    sizes = inputs.get("image_sizes")
+    # what the adapters lay an image out from (LLaVA-NeXT: its size; Qwen: its patch grid), one image per sample
+    meta = {k: inputs[k][b: b + 1] for k in ("image_sizes", "image_grid_thw") if inputs.get(k) is not None}
     try:
-        lay = _layouts(model, n_vis, sizes[b: b + 1] if sizes is not None else None)
+        lay = _layouts(model, n_vis, meta)
     except Exception:  # noqa: BLE001 - overlays are best effort (e.g. multi-image samples)
         return None
     if lay is None:

@@ -62,15 +62,19 @@ class Shapes(Task):
     """The bundled synthetic benchmark (``tokenprune.demo.shapes``): attribute, counting, existence
     (POPE-style yes/no), localization (3x3 cell) and box (``[x1, y1, x2, y2]``, Acc@IoU>=0.5)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fixture: str | None = None) -> None:
         super().__init__("shapes", 12, "accuracy (exact match; box: IoU>=0.5)", "bundled synthetic shapes, test split")
+        self.fixture = fixture
 
     def docs(self, limit: int | None, seed: int, path: str | None = None) -> list[dict[str, Any]]:
-        from tokenprune.demo import shapes
+        """Square images, or the images bundled fixture ``self.fixture`` is evaluated on (``qwen2_5_vl``: square,
+        wide and tall; ``tokenprune.demo.fixture_shapes``)."""
+        from tokenprune.demo import fixture_shapes, shapes
 
         n = 500 if limit is None else limit
+        examples = fixture_shapes(self.fixture, "test", n, seed) if self.fixture else shapes("test", n, seed)
         return [{"id": f"shapes-test-{seed}-{i}", "image": ex["image"], "text": ex["question"], "kind": ex["kind"],
-                 "answer": ex["answer"], "box": ex.get("box")} for i, ex in enumerate(shapes("test", n, seed))]
+                 "answer": ex["answer"], "box": ex.get("box")} for i, ex in enumerate(examples)]
 
     def score(self, doc: dict[str, Any], prediction: str) -> dict[str, Any]:
         from tokenprune.demo import score
@@ -243,8 +247,9 @@ TASKS: dict[str, Callable[[], Task]] = {
 }
 
 
-def get_task(name: str) -> Task:
-    """The task called ``name`` (see :data:`TASKS`)."""
+def get_task(name: str, fixture: str | None = None) -> Task:
+    """The task called ``name`` (see :data:`TASKS`); ``fixture``: the bundled fixture under test, if any (``shapes``
+    then draws the images that fixture is evaluated on)."""
     if name not in TASKS:
         raise ValueError(f"task: unknown task {name!r}; available: {sorted(TASKS)}")
-    return TASKS[name]()
+    return Shapes(fixture) if name == "shapes" else TASKS[name]()

@@ -34,3 +34,27 @@ def test_demo_writes_what_it_prints(tmp_path, capsys, caplog):
     assert row[2] == f"{acc:.1f}"  # percent, as in the README
     assert "none: the unpruned model" in text and "FLOPs %:" in text and "ideal:" in text
     assert not (out / "overlays" / "images").exists() and (out / "inputs" / "shapes" / "0.png").is_file()
+
+
+def test_demo_on_the_bundled_qwen_fixture(tmp_path, capsys):
+    """``--model bundled:qwen2_5_vl``: the fixture's own prompt and its square, wide and tall test images, the
+    M-RoPE default methods (PyramidDrop / FEATHER renumber positions and are refused there), overlays of
+    non-square token grids."""
+    from evals.demo import DEMO_METHODS_MROPE
+    from evals.tasks import get_task
+    from tokenprune.demo import fixture_shapes
+
+    docs = get_task("shapes", fixture="qwen2_5_vl").docs(12, 0)
+    assert {d["image"].size for d in docs} == {ex["image"].size for ex in fixture_shapes("qwen2_5_vl", "test", 12)}
+    assert len({d["image"].size for d in docs}) == 3  # square, wide, tall
+    assert "pdrop" not in DEMO_METHODS_MROPE and "feather" not in DEMO_METHODS_MROPE
+    out = tmp_path / "demo"
+    argv = ["demo", "--model", "bundled:qwen2_5_vl", "--n", "12", "--methods", "random", "--budget", "0.5",
+            "--latency-samples", "1", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    cells = {c["method"]: c for c in json.loads((out / "results.json").read_text())["cells"]}
+    assert cells["none"]["status"] == "ok" and cells["random"]["status"] == "ok"
+    assert cells["none"]["metrics"]["accuracy"] >= 0.5  # the trained fixture answers with its own prompt
+    assert (out / "overlays" / "shapes_overlays.png").stat().st_size > 100
+    assert "overlays/shapes_overlays.png" in text

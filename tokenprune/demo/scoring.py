@@ -11,6 +11,7 @@ _NUM = re.compile(r"-?\d+(?:\.\d+)?")
 
 _IMAGE_TEXT = {"llava": "<image>", "llava_next": "<image>",
                "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+PROMPT_KINDS = tuple(_IMAGE_TEXT)  # the fixtures with a prompt of their own
 
 
 def prompt(question: str, kind: str = "llava") -> str:
