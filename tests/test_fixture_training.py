@@ -132,3 +132,26 @@ def test_relative_symbolic_tokens_move_with_the_scene(tok):
         sym = C.Symbolic(tok, 32, grid=14, own_table=True, relative=relative)
         a, b = (sym(None, C.stack_info([C.patch_info(o)]))[0].view(14, 14, -1) for o in (objs, moved))
         assert torch.allclose(a[:, :-1], b[:, 1:], atol=1e-6) == relative
+
+
+def test_coordinate_targets_reward_near_misses(tok):
+    """Soft box-coordinate targets: the loss of a coordinate token falls with the distance of the model's guess
+    from the true value; other tokens keep the plain cross-entropy, and a vanishing width is one-hot."""
+    coords = C.CoordinateTargets(tok, 0.015)
+    vocab = len(tok)
+    true = int(coords.ids[40])  # "0.40"
+    word = tok.convert_tokens_to_ids("circle")
+    losses = []
+    for guess in (40, 41, 43, 60):  # logits peaked on 0.40, 0.41, 0.43, 0.60
+        lg = torch.zeros(2, vocab)
+        lg[0, coords.ids[guess]] = 8.0
+        lg[1, word] = 8.0
+        got = coords.loss(lg, torch.tensor([true, word]))
+        assert torch.allclose(got[1], torch.nn.functional.cross_entropy(lg[1:], torch.tensor([word])))
+        losses.append(float(got[0]))
+    assert losses == sorted(losses) and losses[0] < losses[-1]
+    lg = torch.randn(3, vocab)
+    tgt = torch.tensor([true, word, int(coords.ids[0])])
+    one_hot = torch.nn.functional.cross_entropy(lg, tgt, reduction="none")
+    assert torch.allclose(C.CoordinateTargets(tok, 1e-4).loss(lg, tgt), one_hot, atol=1e-5)
+    assert torch.equal(C.CoordinateTargets(tok, 0.0).loss(lg, tgt), one_hot)
