@@ -68,3 +68,29 @@ def test_vision_methods_runs_hired_on_qwen():
     model, proc = vision_methods.fixture("qwen2_5_vl", untrained=True)
     row = vision_methods.eval_vlm(model, proc, fixture_shapes("qwen2_5_vl", "test", 2), "hired", 0.2, 2, "qwen2_5_vl")
     assert abs(row["realised"] - 0.2) < 0.01 and row["prefill_GMACs"] > 0
+
+
+def test_object_tokens_follow_each_image_grid():
+    """eval_fixture's "kept tokens on objects" mask: one flag per visual token over the model's token grid (Qwen:
+    merged patches of square, wide and tall images; LLaVA: 14 x 14); each object's centre token is on it and the
+    share of flagged tokens follows the objects' area. LLaVA-NeXT's tiled layout has no single grid: None."""
+    for kind in ("qwen2_5_vl", "llava", "llava_next"):
+        model, proc = untrained(kind)
+        examples = fixture_shapes(kind, "test", 3)
+        inp = proc(images=[ex["image"] for ex in examples], text=[prompt(ex["question"], kind) for ex in examples],
+                   return_tensors="pt", padding=True)
+        for b, ex in enumerate(examples):
+            on = eval_fixture.object_tokens(model, dict(inp), ex, b)
+            if kind == "llava_next":
+                assert on is None
+                continue
+            n = int((inp["input_ids"][b] == model.config.image_token_id).sum())
+            rows, cols = (int(inp["image_grid_thw"][b, 1]) // 2, int(inp["image_grid_thw"][b, 2]) // 2) \
+                if kind == "qwen2_5_vl" else (14, 14)
+            assert on.shape == (n,) and rows * cols == n
+            w, h = ex["image"].size
+            for o in ex["objects"]:
+                x0, y0, x1, y1 = o["bbox"]
+                assert on[int((y0 + y1) / 2 * rows / h) * cols + int((x0 + x1) / 2 * cols / w)]
+            area = sum((o["bbox"][2] - o["bbox"][0]) * (o["bbox"][3] - o["bbox"][1]) for o in ex["objects"]) / (w * h)
+            assert abs(on.mean() - area) < 0.1, (kind, on.mean(), area)
