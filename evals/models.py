@@ -75,9 +75,9 @@ def build_prompt(processor: Any, text: str, style: str = "auto") -> str:
     if style == "chat" or (style == "auto" and template):
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return processor.apply_chat_template(msgs, add_generation_prompt=True)
-    from tokenprune.demo.scoring import PROMPT_KINDS, prompt
+    from tokenprune.demo.scoring import IMAGE_TEXT, prompt
 
-    return prompt(text, style if style in PROMPT_KINDS else "llava")
+    return prompt(text, style if style in IMAGE_TEXT else "llava")
 
 
 def model_inputs(processor: Any, docs: list[dict[str, Any]], device: str, dtype: torch.dtype | None,

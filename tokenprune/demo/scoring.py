@@ -9,9 +9,9 @@ from typing import Any
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-_IMAGE_TEXT = {"llava": "<image>", "llava_next": "<image>",
+# each fixture kind's text for one image in its prompt (the processor expands it into the visual tokens)
+IMAGE_TEXT = {"llava": "<image>", "llava_next": "<image>",
                "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
-PROMPT_KINDS = tuple(_IMAGE_TEXT)  # the fixtures with a prompt of their own
 
 
 def prompt(question: str, kind: str = "llava") -> str:
@@ -22,9 +22,9 @@ def prompt(question: str, kind: str = "llava") -> str:
     The processors expand the single ``<image>`` / ``<|image_pad|>`` into the right number of placeholders.
     Raises ``ValueError`` for a kind without a prompt.
     """
-    if kind not in _IMAGE_TEXT:
-        raise ValueError(f"kind must be one of {sorted(_IMAGE_TEXT)}, got {kind!r}")
-    return f"USER: {_IMAGE_TEXT[kind]}\n{question} ASSISTANT:"
+    if kind not in IMAGE_TEXT:
+        raise ValueError(f"kind must be one of {sorted(IMAGE_TEXT)}, got {kind!r}")
+    return f"USER: {IMAGE_TEXT[kind]}\n{question} ASSISTANT:"
 
 
 def parse_box(text: str) -> list[float] | None:

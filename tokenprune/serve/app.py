@@ -203,7 +203,7 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
 
 def _prepare(runner: ModelRunner, body: dict[str, Any]) -> tuple[ChatRequest, Encoded, Any]:
     """Parse, check and encode a request (threadpool: decodes images, runs the processor)."""
-    req = parse_chat(body, runner.limits)
+    req = parse_chat(body, runner.limits, runner.prompt_format)
     if req.model != runner.name:
         raise APIError(
             f"model: {req.model!r} is not served here; available: [{runner.name!r}]",

@@ -15,7 +15,8 @@ DESCRIPTION = "OpenAI-compatible chat-completions server for a VLM with visual-t
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the serve options to ``parser`` (a ``tokenprune serve`` subparser or a standalone one)."""
     d = Limits()
-    parser.add_argument("--model", default="llava", help="bundled model name (llava, llava_next) or a model folder")
+    parser.add_argument("--model", default="llava",
+                        help="bundled model name (llava, llava_next, qwen2_5_vl) or a model folder")
     parser.add_argument("--served-model-name", default=None, help="model id clients send (default: from --model)")
     parser.add_argument("--method", default="none", help="default reduction method ('none': unpruned)")
     parser.add_argument("--budget", type=float, default=None, help="default budget in (0, 1]")

@@ -25,13 +25,13 @@ from ..adapters import anatomy_of
 from ..core.budget import check_budget
 from ..errors import TokenPruneError
 from .errors import bad_request
-from .protocol import ChatRequest, Limits, Reduction
+from .protocol import IMAGE_PLACEHOLDER, ChatRequest, Limits, PromptFormat, Reduction
 
-BUNDLED = ("llava", "llava_next")
+BUNDLED = ("llava", "llava_next", "qwen2_5_vl")
 
 
 def load_model(spec: str) -> tuple[Any, Any]:
-    """``(model, processor)`` for a bundled fixture name (``"llava"``, ``"llava_next"``) or a
+    """``(model, processor)`` for a bundled fixture name (``"llava"``, ``"llava_next"``, ``"qwen2_5_vl"``) or a
     ``save_pretrained`` folder; the tokenizer is set to left padding (tokenprune needs it)."""
     from .. import demo
 
@@ -52,6 +52,22 @@ def load_model(spec: str) -> tuple[Any, Any]:
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"
     return model, processor
+
+
+def prompt_format(model: Any, processor: Any) -> PromptFormat:
+    """How requests to ``model`` are rendered: the processor's chat template when it has one (real checkpoints:
+    LLaVA-1.5/NeXT/OneVision, Qwen2-VL/2.5-VL/3-VL), else the bundled fixtures' ``USER: ... ASSISTANT:`` turns with
+    the model family's image text (``tokenprune.demo.prompt``). The processor's image token is reserved."""
+    from ..demo.scoring import IMAGE_TEXT
+
+    token = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
+    reserved = tuple(dict.fromkeys([IMAGE_PLACEHOLDER, token]))
+    if getattr(processor, "chat_template", None):
+        def chat(messages: list[dict[str, Any]]) -> str:
+            return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+        return PromptFormat(token, reserved, chat)
+    return PromptFormat(IMAGE_TEXT.get(model.config.model_type, token), reserved)
 
 
 class RowSink(Protocol):
@@ -103,6 +119,7 @@ class ModelRunner:
         self.decoder = copy.deepcopy(self.tokenizer)
         self.limits = limits
         self.name = name
+        self.prompt_format = prompt_format(model, processor)
         self.anatomy = anatomy_of(model)
         cfg = getattr(model.config, "text_config", model.config)
         self.context_length = int(getattr(cfg, "max_position_embeddings", 2048))

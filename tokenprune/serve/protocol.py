@@ -24,6 +24,7 @@ import math
 import re
 import urllib.request
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,21 @@ class Reduction:
     def describe(self) -> dict[str, Any]:
         """JSON-friendly form for responses and logs."""
         return {"method": self.method or "none", "budget": self.budget, "params": dict(self.params)}
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a conversation becomes the model's prompt text. ``chat``: the processor's chat template (HF message
+    dicts -> text; real checkpoints); else LLaVA-1.5's ``USER: ... ASSISTANT:`` turns with ``image_text`` per image
+    (the bundled fixtures' format: ``tokenprune.demo.prompt``). User text may not contain ``reserved`` strings (the
+    image placeholders), which would make the processor expand an image that was not sent."""
+
+    image_text: str = IMAGE_PLACEHOLDER
+    reserved: tuple[str, ...] = (IMAGE_PLACEHOLDER,)
+    chat: Callable[[list[dict[str, Any]]], str] | None = None
+
+
+LLAVA_FORMAT = PromptFormat()
 
 
 @dataclass
@@ -275,14 +291,15 @@ def _open(raw: bytes, limits: Limits, param: str) -> Image.Image:
         raise bad_request(f"{param}: could not decode image: {exc}", param=param, code="invalid_image") from None
 
 
-def render_messages(messages: Any, limits: Limits) -> tuple[str, list[Image.Image]]:
-    """LLaVA-1.5 conversation text (``USER: <image>\\n{text} ASSISTANT:``, the format of
+def render_messages(messages: Any, limits: Limits, fmt: PromptFormat = LLAVA_FORMAT) -> tuple[str, list[Image.Image]]:
+    """The prompt text in ``fmt`` (default: LLaVA-1.5's ``USER: <image>\\n{text} ASSISTANT:``, the format of
     :func:`tokenprune.demo.prompt` for one question) and the images in order."""
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages: must be a non-empty list", param="messages")
     parts: list[str] = []
     images: list[Image.Image] = []
     system: list[str] = []
+    chat: list[dict[str, Any]] = []  # the same turns as HF chat-template messages
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
@@ -290,11 +307,14 @@ def render_messages(messages: Any, limits: Limits) -> tuple[str, list[Image.Imag
         role = msg.get("role")
         if role not in _ROLES:
             raise bad_request(f"{where}.role: must be one of {list(_ROLES)}, got {role!r}", param=f"{where}.role")
-        text, n_img = _content(msg.get("content"), f"{where}.content", images, limits, allow_images=role == "user")
+        text, n_img = _content(msg.get("content"), f"{where}.content", images, limits, fmt.reserved,
+                               allow_images=role == "user")
+        chat.append({"role": "system" if role == "developer" else role,
+                     "content": [{"type": "image"}] * n_img + [{"type": "text", "text": text}]})
         if role in ("system", "developer"):
             system.append(text)
         elif role == "user":
-            parts.append("USER: " + f"{IMAGE_PLACEHOLDER}\n" * n_img + text)
+            parts.append("USER: " + f"{fmt.image_text}\n" * n_img + text)
         else:
             parts.append(f"ASSISTANT: {text}</s>")
     if messages[-1].get("role") != "user":
@@ -306,17 +326,25 @@ def render_messages(messages: Any, limits: Limits) -> tuple[str, list[Image.Imag
             param="messages",
             code="missing_image",
         )
+    if fmt.chat is not None:
+        return fmt.chat(chat), images
     prompt = " ".join(parts) + " ASSISTANT:"
     if system:
         prompt = " ".join(system) + " " + prompt
     return prompt, images
 
 
-def _content(content: Any, where: str, images: list, limits: Limits, allow_images: bool) -> tuple[str, int]:
+def _check_text(text: str, reserved: tuple[str, ...], where: str) -> str:
+    for token in reserved:
+        if token in text:
+            raise bad_request(f"{where}: text may not contain {token!r}", param=where)
+    return text
+
+
+def _content(content: Any, where: str, images: list, limits: Limits, reserved: tuple[str, ...],
+             allow_images: bool) -> tuple[str, int]:
     if isinstance(content, str):
-        if IMAGE_PLACEHOLDER in content:
-            raise bad_request(f"{where}: text may not contain {IMAGE_PLACEHOLDER!r}", param=where)
-        return content, 0
+        return _check_text(content, reserved, where), 0
     if not isinstance(content, list):
         raise bad_request(f"{where}: must be a string or a list of content parts", param=where)
     texts: list[str] = []
@@ -328,9 +356,7 @@ def _content(content: Any, where: str, images: list, limits: Limits, allow_image
             text = part.get("text")
             if not isinstance(text, str):
                 raise bad_request(f"{p}.text: must be a string", param=p)
-            if IMAGE_PLACEHOLDER in text:
-                raise bad_request(f"{p}.text: may not contain {IMAGE_PLACEHOLDER!r}", param=p)
-            texts.append(text)
+            texts.append(_check_text(text, reserved, f"{p}.text"))
         elif kind == "image_url":
             if not allow_images:
                 raise bad_request(f"{p}: images are only accepted in user messages", param=p)
@@ -349,8 +375,9 @@ def _content(content: Any, where: str, images: list, limits: Limits, allow_image
     return "\n".join(texts), n_img
 
 
-def parse_chat(body: dict[str, Any], limits: Limits) -> ChatRequest:
-    """Validate a chat-completion body and decode its images (CPU work: call it off the event loop)."""
+def parse_chat(body: dict[str, Any], limits: Limits, fmt: PromptFormat = LLAVA_FORMAT) -> ChatRequest:
+    """Validate a chat-completion body, decode its images and render its prompt in ``fmt`` (CPU work: call it
+    off the event loop)."""
     unknown = sorted(set(body) - _SUPPORTED_KEYS - {"tools", "tool_choice", "functions", "response_format"})
     if unknown:
         raise bad_request(f"unsupported parameters: {unknown}", param=unknown[0], code="unsupported_parameter")
@@ -375,7 +402,7 @@ def parse_chat(body: dict[str, Any], limits: Limits) -> ChatRequest:
     if not isinstance(ignore_eos, bool):
         raise bad_request("ignore_eos: must be true or false", param="ignore_eos")
     reduction, return_kept = parse_reduction(body.get("tokenprune"))
-    prompt, images = render_messages(body.get("messages"), limits)
+    prompt, images = render_messages(body.get("messages"), limits, fmt)
     return ChatRequest(
         model=model,
         prompt=prompt,
