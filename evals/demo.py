@@ -47,7 +47,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.model.startswith("bundled:"):
         from tokenprune.demo import checkpoint_path
 
-        kind = args.model.split(":", 1)[1]
+        from .models import bundled_kind
+
+        try:
+            kind = bundled_kind(args.model)
+        except ValueError as exc:
+            raise SystemExit(f"tokenprune demo: {exc}") from None
         if not (checkpoint_path(kind) / "config.json").is_file():
             raise SystemExit(
                 f"tokenprune demo: the bundled {kind} fixture is not installed at {checkpoint_path(kind)}; "

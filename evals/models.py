@@ -25,6 +25,18 @@ def resolve_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
+def bundled_kind(spec: str) -> str:
+    """The fixture kind of ``bundled:KIND``; ``ValueError`` naming ``--model`` unless KIND is a bundled
+    vision-language fixture (the ViT fixture is an image classifier: nothing to prompt)."""
+    from tokenprune.demo.scoring import IMAGE_TEXT
+
+    kind = spec.split(":", 1)[1]
+    if kind not in IMAGE_TEXT:
+        raise ValueError(f"--model: {spec!r} is not a bundled vision-language fixture; allowed: "
+                         f"{', '.join('bundled:' + k for k in IMAGE_TEXT)} or a checkpoint folder")
+    return kind
+
+
 def load_model(spec: str, device: str = "cpu", dtype: str | None = None, attn_implementation: str | None = "sdpa",
                int8: bool = False) -> tuple[Any, Any]:
     """``(model, processor)`` for ``spec``: ``bundled:llava`` / ``bundled:llava_next`` / ``bundled:qwen2_5_vl`` (the
@@ -35,8 +47,7 @@ def load_model(spec: str, device: str = "cpu", dtype: str | None = None, attn_im
     if spec.startswith("bundled:"):
         from tokenprune.demo import load
 
-        kind = spec.split(":", 1)[1]
-        model, processor = load(kind)
+        model, processor = load(bundled_kind(spec))
     else:
         path = Path(spec)
         cfg_file = path / "config.json"

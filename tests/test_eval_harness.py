@@ -117,3 +117,16 @@ def test_tokenprune_cli_has_demo_subcommand(capsys):
     assert args.command == "demo" and args.n == 10 and args.budget == 0.2
     assert main([]) == 2
     assert "demo" in capsys.readouterr().out
+
+
+def test_bundled_model_names_are_checked():
+    """Only the bundled vision-language fixtures can be evaluated; anything else is a typed error naming
+    --model and what is allowed (ViT is an image classifier: nothing to prompt), in the harness and the demo."""
+    from evals.models import load_model
+    from tokenprune.cli import main
+
+    for spec in ("bundled:vit", "bundled:llava15"):
+        with pytest.raises(ValueError, match=r"--model: .*allowed: bundled:llava, bundled:llava_next, bundled:qwen"):
+            load_model(spec)
+        with pytest.raises(SystemExit, match="tokenprune demo: --model"):
+            main(["demo", "--model", spec, "--n", "2"])
