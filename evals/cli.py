@@ -69,7 +69,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tokenprune-eval``."""
-    args = parser().parse_args(argv)
+    from .models import check_model
+
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        check_model(args.model)
+    except (ValueError, FileNotFoundError) as exc:
+        p.error(str(exc))  # usage and the message, exit status 2: nothing loaded or written
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
 

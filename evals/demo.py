@@ -47,10 +47,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.model.startswith("bundled:"):
         from tokenprune.demo import checkpoint_path
 
-        from .models import bundled_kind
+        from .models import check_model
 
         try:
-            kind = bundled_kind(args.model)
+            kind = check_model(args.model)
         except ValueError as exc:
             raise SystemExit(f"tokenprune demo: {exc}") from None
         if not (checkpoint_path(kind) / "config.json").is_file():

@@ -25,16 +25,26 @@ def resolve_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def bundled_kind(spec: str) -> str:
-    """The fixture kind of ``bundled:KIND``; ``ValueError`` naming ``--model`` unless KIND is a bundled
-    vision-language fixture (the ViT fixture is an image classifier: nothing to prompt)."""
+def check_model(spec: str) -> str:
+    """Validate ``--model`` without loading anything: the fixture kind of ``bundled:KIND`` (a bundled
+    vision-language fixture; the ViT fixture is an image classifier, nothing to prompt) or the ``model_type`` of a
+    checkpoint folder of a supported family (``CLASSES``). Typed errors naming ``--model`` and what is allowed."""
     from tokenprune.demo.scoring import IMAGE_TEXT
 
-    kind = spec.split(":", 1)[1]
-    if kind not in IMAGE_TEXT:
-        raise ValueError(f"--model: {spec!r} is not a bundled vision-language fixture; allowed: "
-                         f"{', '.join('bundled:' + k for k in IMAGE_TEXT)} or a checkpoint folder")
-    return kind
+    if spec.startswith("bundled:"):
+        kind = spec.split(":", 1)[1]
+        if kind not in IMAGE_TEXT:
+            raise ValueError(f"--model: {spec!r} is not a bundled vision-language fixture; allowed: "
+                             f"{', '.join('bundled:' + k for k in IMAGE_TEXT)} or a checkpoint folder")
+        return kind
+    cfg_file = Path(spec) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"--model: {spec} is neither bundled:KIND (llava, llava_next, qwen2_5_vl) nor a "
+                                f"checkpoint folder with config.json (nothing is downloaded)")
+    model_type = json.loads(cfg_file.read_text()).get("model_type")
+    if model_type not in CLASSES:
+        raise ValueError(f"--model: model_type {model_type!r} is not supported; supported: {sorted(CLASSES)}")
+    return model_type
 
 
 def load_model(spec: str, device: str = "cpu", dtype: str | None = None, attn_implementation: str | None = "sdpa",
@@ -44,20 +54,14 @@ def load_model(spec: str, device: str = "cpu", dtype: str | None = None, attn_im
     LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Offline only (``local_files_only``)."""
     import transformers
 
+    kind = check_model(spec)
     if spec.startswith("bundled:"):
         from tokenprune.demo import load
 
-        model, processor = load(bundled_kind(spec))
+        model, processor = load(kind)
     else:
         path = Path(spec)
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"--model: {spec} is neither bundled:KIND (llava, llava_next, qwen2_5_vl) nor a "
-                                    f"checkpoint folder with config.json (nothing is downloaded)")
-        model_type = json.loads(cfg_file.read_text()).get("model_type")
-        if model_type not in CLASSES:
-            raise ValueError(f"--model: model_type {model_type!r} is not supported; supported: {sorted(CLASSES)}")
-        cls = getattr(transformers, CLASSES[model_type])
+        cls = getattr(transformers, CLASSES[kind])
         kwargs: dict[str, Any] = {"local_files_only": True}
         if resolve_dtype(dtype) is not None:
             kwargs["dtype"] = resolve_dtype(dtype)

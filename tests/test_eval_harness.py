@@ -119,14 +119,29 @@ def test_tokenprune_cli_has_demo_subcommand(capsys):
     assert "demo" in capsys.readouterr().out
 
 
-def test_bundled_model_names_are_checked():
-    """Only the bundled vision-language fixtures can be evaluated; anything else is a typed error naming
-    --model and what is allowed (ViT is an image classifier: nothing to prompt), in the harness and the demo."""
-    from evals.models import load_model
+def test_model_specs_are_checked_before_anything_loads(tmp_path, capsys):
+    """Only the bundled vision-language fixtures and checkpoint folders of supported families can be evaluated;
+    anything else is a typed error naming --model and what is allowed (ViT is an image classifier: nothing to
+    prompt), in the harness, its CLI (usage error, exit 2, nothing written) and the demo."""
+    import json
+
+    from evals.cli import main as eval_main
+    from evals.models import check_model, load_model
     from tokenprune.cli import main
 
-    for spec in ("bundled:vit", "bundled:llava15"):
-        with pytest.raises(ValueError, match=r"--model: .*allowed: bundled:llava, bundled:llava_next, bundled:qwen"):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert check_model("bundled:qwen2_5_vl") == "qwen2_5_vl"
+    for spec, error, match in (("bundled:vit", ValueError, "allowed: bundled:llava, bundled:llava_next, bundled:qwen"),
+                               ("bundled:llava15", ValueError, "allowed: bundled:llava"),
+                               (str(tmp_path / "bert"), ValueError, "model_type 'bert' is not supported"),
+                               (str(tmp_path / "none"), FileNotFoundError, "nor a checkpoint folder")):
+        with pytest.raises(error, match=match):
             load_model(spec)
-        with pytest.raises(SystemExit, match="tokenprune demo: --model"):
-            main(["demo", "--model", spec, "--n", "2"])
+        out = tmp_path / "out"
+        with pytest.raises(SystemExit) as exit_:
+            eval_main(["--model", spec, "--task", "shapes", "--out", str(out)])
+        assert exit_.value.code == 2 and "error: --model: " in capsys.readouterr().err and not out.exists()
+        if spec.startswith("bundled:"):
+            with pytest.raises(SystemExit, match="tokenprune demo: --model"):
+                main(["demo", "--model", spec, "--n", "2"])
