@@ -19,7 +19,6 @@ import urllib.request
 
 import pytest
 import tiny
-import torch
 from server_process import serve_process
 
 import tokenprune
@@ -128,25 +127,8 @@ def post(server, body: bytes | dict, path: str = "/v1/chat/completions", method:
 
 
 def alone(local, img, method: str | None, budget: float | None, max_tokens: int, text: str = QUESTION):
-    """Greedy text and kept set of one request run alone in this process."""
-    model, proc = local
-    inputs = proc(images=[img], text=[demo.prompt(text)], return_tensors="pt")
-    handle = tokenprune.patch(model, method, budget=budget) if method else None
-    try:
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
-        new = out[0, inputs["input_ids"].shape[1] :]
-        eos = model.generation_config.eos_token_id
-        ids = new.tolist()
-        if eos in ids:
-            ids = ids[: ids.index(eos)]
-        text_out = proc.tokenizer.decode(ids, skip_special_tokens=True)
-        if handle is None:
-            return text_out, None, 1.0
-        tr = handle.trace
-        return text_out, tr.stages[-1].kept[0].tolist(), tr.realized_budget
-    finally:
-        tokenprune.unpatch(model)
+    """Greedy text, kept set and realised budget of one request run alone in this process."""
+    return tiny.greedy_alone(*local, img, demo.prompt(text), method, budget, max_tokens)
 
 
 # ---- unit: prompt rendering and parsing --------------------------------------------------------

@@ -11,9 +11,8 @@ import io
 import re
 
 import pytest
-import torch
+import tiny
 
-import tokenprune
 from tokenprune import demo
 
 pytest.importorskip("fastapi")
@@ -54,18 +53,6 @@ def qwen():
     return model, proc, ModelRunner(model, proc, Reduction("divprune", 0.5), Limits(), "qwen")
 
 
-def alone(model, proc, ex, method: str | None, budget: float | None) -> tuple[str, list[int] | None]:
-    inputs = proc(images=[ex["image"]], text=[demo.prompt(ex["question"], "qwen2_5_vl")], return_tensors="pt")
-    handle = tokenprune.patch(model, method, budget=budget) if method else None
-    try:
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-        text = proc.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        return text, (handle.trace.stages[-1].kept[0].tolist() if handle else None)
-    finally:
-        tokenprune.unpatch(model)
-
-
 def test_bundled_qwen_prompt_is_the_fixture_prompt_and_reserves_its_image_token(qwen):
     _, _, runner = qwen
     ex = demo.fixture_shapes("qwen2_5_vl", "test", 1)[0]
@@ -90,8 +77,9 @@ def test_batched_requests_equal_each_request_alone(qwen):
         sinks = [Sink(), Sink()]
         runner.generate(red, (0.0, 1.0, False), encs, sinks)
         for ex, sink in zip(picked, sinks, strict=True):
-            text, kept = alone(model, proc, ex, red.method, red.budget)
-            assert sink.result["text"].strip() == text
+            text, kept, _ = tiny.greedy_alone(model, proc, ex["image"], demo.prompt(ex["question"], "qwen2_5_vl"),
+                                              red.method, red.budget, 12)
+            assert sink.result["text"] == text
             ext = sink.result["tokenprune"]
             assert ext["kept"] == (kept if kept is not None else list(range(ext["visual_tokens"])))
             assert ext["kept_visual_tokens"] == (round(0.5 * ext["visual_tokens"]) if red.method else

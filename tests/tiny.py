@@ -255,6 +255,26 @@ def generate_logits(model, inputs, n: int = 5) -> tuple[torch.Tensor, torch.Tens
     return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
 
 
+def greedy_alone(model, proc, img, prompt: str, method: str | None, budget: float | None, max_tokens: int):
+    """One request run alone through ``tokenprune.patch`` (None: unpatched) + greedy ``generate``: its text (cut at
+    EOS), kept set (None unpatched) and realised budget -- what a server's batched answer must equal."""
+    inputs = proc(images=[img], text=[prompt], return_tensors="pt")
+    handle = tokenprune.patch(model, method, budget=budget) if method else None
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+        ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+        eos = model.generation_config.eos_token_id
+        if eos in ids:
+            ids = ids[: ids.index(eos)]
+        text = proc.tokenizer.decode(ids, skip_special_tokens=True)
+        if handle is None:
+            return text, None, 1.0
+        return text, handle.trace.stages[-1].kept[0].tolist(), handle.trace.realized_budget
+    finally:
+        tokenprune.unpatch(model)
+
+
 def cache_free_logits(model, inputs, tokens: torch.Tensor, t: int) -> torch.Tensor:
     """Last-position logits of the prompt + the first ``t`` generated ``tokens``, recomputed in one forward
     without a cache (1-D positions from the mask; images from ``inputs``): the reference for decode step t."""
