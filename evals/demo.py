@@ -40,26 +40,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from .harness import EvalConfig
     from .harness import run as run_eval
+    from .models import check_model
     from .results import NOISY_SPREAD
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        kind = check_model(args.model)  # a bundled fixture's kind or a folder's model_type
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"tokenprune demo: {exc}") from None
     if args.model.startswith("bundled:"):
         from tokenprune.demo import checkpoint_path
 
-        from .models import check_model
-
-        try:
-            kind = check_model(args.model)
-        except ValueError as exc:
-            raise SystemExit(f"tokenprune demo: {exc}") from None
         if not (checkpoint_path(kind) / "config.json").is_file():
             raise SystemExit(
                 f"tokenprune demo: the bundled {kind} fixture is not installed at {checkpoint_path(kind)}; "
                 f"reinstall tokenprune-vlm, or pass --model PATH to a checkpoint folder."
             )
     registered = tokenprune.methods()
-    default = DEMO_METHODS_MROPE if "qwen" in args.model else DEMO_METHODS
+    default = DEMO_METHODS_MROPE if kind.startswith("qwen") else DEMO_METHODS  # Qwen families: M-RoPE
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else [
         m for m in default if m in registered]
     t0 = time.perf_counter()

@@ -142,6 +142,5 @@ def test_model_specs_are_checked_before_anything_loads(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             eval_main(["--model", spec, "--task", "shapes", "--out", str(out)])
         assert exit_.value.code == 2 and "error: --model: " in capsys.readouterr().err and not out.exists()
-        if spec.startswith("bundled:"):
-            with pytest.raises(SystemExit, match="tokenprune demo: --model"):
-                main(["demo", "--model", spec, "--n", "2"])
+        with pytest.raises(SystemExit, match="tokenprune demo: --model"):
+            main(["demo", "--model", spec, "--n", "2"])
